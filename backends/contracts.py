@@ -1,0 +1,158 @@
+"""Op contracts: the one place that says what every registry op computes.
+
+The model core calls only these ops for arithmetic that involves a reduction, a transcendental function or a
+quantised format; everything else it does (indexing, concatenation, casts, single elementwise IEEE operations) is the
+same on every device. A backend implements an op by matching its contract; the `exact` level additionally fixes the
+order of every floating-point operation, written in `canonical order` below and implemented once, device-agnostically,
+in `dsv4.backends.canonical`.
+
+Shared constants of the exact contract (numbers that are part of the contract, not of a device):
+- REDUCTION_LANES: every float sum over n values uses L lanes; lane i starts at +0.0 and adds x[i], x[i+L], x[i+2L],
+  ... in increasing index order (missing elements count as +0.0); then a pairwise tree halves the lanes
+  (lane i += lane i + L/2, for L/2, L/4, ... 1). Products are formed (rounded to fp32) before they are summed.
+- ATTENTION_CHUNK: online softmax visits keys in chunks of this many index-list slots, in index-list order.
+- Transcendentals (exp, log, sigmoid, softplus, silu) are the polynomial forms in `canonical.primitives`; sqrt and
+  division are IEEE correctly rounded. Multiplications and additions are never fused (no FMA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REDUCTION_LANES = 16
+ATTENTION_CHUNK = 64
+FP8_BLOCK = 128          # activation and weight quantisation block for FP8 GEMMs (weights: 128x128)
+FP4_BLOCK = 32           # FP4 weight scale block along K (1x32), also the FP4 fake-quant block
+KV_FP8_BLOCK = 64        # fake-FP8 block for the non-RoPE part of cached KV
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+
+
+@dataclass(frozen=True)
+class OpContract:
+    name: str
+    signature: str
+    computes: str
+    atol: float   # fast-level tolerance against the CPU reference: |a - b| <= atol + rtol * |b|
+    rtol: float
+    exact_only_output: bool = False  # outputs are integers/indices: any level must match the reference exactly
+
+
+_BF16 = dict(atol=2e-2, rtol=2e-2)
+_FP32 = dict(atol=1e-5, rtol=1e-4)
+
+CONTRACTS: dict[str, OpContract] = {c.name: c for c in [
+    OpContract(
+        "rms_norm", "rms_norm(x[..., n] bf16|fp32, weight[n] fp32 | None, eps) -> [..., n] x.dtype",
+        "y = weight * (x * 1/sqrt(mean(x^2) + eps)), fp32 math, one cast at the end. Canonical order: "
+        "s = lanesum(xf*xf); inv = 1/sqrt(s/n + eps); y = xf*inv; y = weight*y.", **_BF16),
+    OpContract(
+        "rope", "rope(x[..., D], cos[..., r], sin[..., r], inverse: bool) -> [..., D] x.dtype",
+        "Rotate interleaved pairs (x[2i], x[2i+1]) of the last 2r dims by the host-computed angle table (GPT-J "
+        "style); the first D-2r dims pass through. cos/sin broadcast against x[..., :1]. inverse rotates by -angle. "
+        "Canonical: a' = a*c - b*s, b' = a*s + b*c (inverse: a*c + b*s, b*c - a*s), fp32, one cast.", **_BF16),
+    OpContract(
+        "hadamard", "hadamard(x[..., n] bf16) -> [..., n] bf16",
+        "Walsh-Hadamard transform (Sylvester order) scaled by n^-1/2. Canonical: fp32 butterflies (a+b, a-b) for "
+        "strides 1, 2, 4, ... n/2, then one multiply by fp32(n^-1/2), one cast.", **_BF16),
+    OpContract(
+        "fake_quant", "fake_quant(x[..., n] bf16, fmt: 'fp8'|'fp4', block) -> [..., n] bf16",
+        "Quantise each block of `block` values to e4m3 (fp8, scale 2^ceil(log2(max(amax,1e-4)/448))) or e2m1 (fp4, "
+        "scale 2^ceil(log2(max(amax,6*2^-126)/6))) with round-to-nearest-even, then dequantise. Exact everywhere "
+        "(power-of-two scales).", atol=0.0, rtol=0.0),
+    OpContract(
+        "linear", "linear(x[..., K] bf16|fp32, weight[N, K] or [G, N, K] bf16|fp32) -> [..., N] x.dtype",
+        "y = x @ weight.T (grouped: y[..., g, :] = x[..., g, :] @ weight[g].T); products in fp32, lanesum over K, "
+        "one cast to x.dtype.", **_BF16),
+    OpContract(
+        "quant_linear",
+        "quant_linear(x[..., K] bf16, weight fp8-e4m3[N, K] | int8 packed-fp4[N, K/2], scale fp32 [N/128, K/128] "
+        "| [N, K/32]) -> [..., N] bf16",
+        "Activations are quantised per token per 128-block to e4m3 with ue8m0 scales; then for each K block of the "
+        "finest scale granularity (128 for fp8 weights, 32 for fp4 weights) the exact dot product is formed, "
+        "rounded once to fp32, multiplied by (activation scale * weight scale) and accumulated over K blocks in "
+        "increasing order in fp32; one cast to bf16.", **_BF16),
+    OpContract(
+        "grouped_quant_linear",
+        "grouped_quant_linear(x[T, K] bf16 rows sorted by expert, counts[E] int64, weight[E, ...], scale[E, ...]) "
+        "-> [T, N] bf16",
+        "Row block e (counts[e] rows) goes through quant_linear with expert e's weight. Each row's result is "
+        "quant_linear of that row alone.", **_BF16),
+    OpContract(
+        "compress_pool", "compress_pool(kv[n, R, c] fp32, score[n, R, c] fp32) -> [n, c] fp32",
+        "Per channel softmax of score over the R rows (max-subtracted; -inf rows weigh 0), then the weighted sum of "
+        "kv. Canonical: m = max; e = exp(score - m); den = lanesum_R(e); num = lanesum_R(e * kv); num / den.", **_FP32),
+    OpContract(
+        "indexer_topk",
+        "indexer_topk(q[b, s, H, d] bf16, weights[b, s, H] fp32, keys[b, T, d] bf16, n_visible[b, s] int64, k) "
+        "-> [b, s, k] int64",
+        "Score S[t] = sum_h relu(<q_h, keys_t>) * weights_h for t < n_visible; select the min(k, n_visible) best "
+        "(ties: lower t first); return them in ascending t, padded with -1. Canonical: dots lanesum over d, "
+        "relu, times weight, lanesum over H.", atol=0.0, rtol=0.0, exact_only_output=True),
+    OpContract(
+        "sparse_attention",
+        "sparse_attention(q[b, s, H, D] bf16, kv[b, N, D] bf16, idx[b, s, K] int64, sink[H] fp32, scale) "
+        "-> [b, s, H, D] bf16",
+        "Single shared K=V head. For each query and head over valid idx (>= 0), in idx order: s_j = scale*<q, kv_j>; "
+        "o = sum_j exp(s_j - M) kv_j / (sum_j exp(s_j - M) + exp(sink - M)), M = max_j s_j. Canonical: dots "
+        "lanesum over D; online softmax over chunks of ATTENTION_CHUNK slots (running max, rescale by exp(m-m'), "
+        "chunk sums by lanesum); probabilities are rounded to bf16 for the value sum (as the reference kernel) "
+        "but not for the denominator; one division and cast at the end.", **_BF16),
+    OpContract(
+        "hca_attention",
+        "hca_attention(q[b, s, H, D] bf16, kv[b, N, D] bf16, window_idx[b, s, W] int64, comp_offset: int, "
+        "n_comp[b, s] int64, sink[H] fp32, scale) -> [b, s, H, D] bf16",
+        "sparse_attention over the index list window_idx followed by comp_offset + 0 .. n_comp-1 (every visible "
+        "compressed entry, in order). Same canonical order as sparse_attention over that list.", **_BF16),
+    OpContract(
+        "mhc_pre",
+        "mhc_pre(x[b, s, hc, d] bf16, fn[(2+hc)*hc, hc*d] fp32, scale[3] fp32, base[(2+hc)*hc] fp32, norm_eps, "
+        "hc_eps, iters) -> (y[b, s, d] bf16, post[b, s, hc] fp32, comb[b, s, hc, hc] fp32)",
+        "mHC pre-mapping: m = (flat(x) @ fn.T) / rms(flat(x)); pre = sigmoid(m[:hc]*scale0 + base) + hc_eps; "
+        "post = 2*sigmoid(m[hc:2hc]*scale1 + base); comb = Sinkhorn(softmax_rows(m[2hc:]*scale2 + base) + hc_eps) "
+        "with `iters` alternating column/row normalisations (column first); y = sum_j pre_j x_j.", **_FP32),
+    OpContract(
+        "mhc_post",
+        "mhc_post(f[b, s, d] bf16, x[b, s, hc, d] bf16, post[b, s, hc] fp32, comb[b, s, hc, hc] fp32) "
+        "-> [b, s, hc, d] bf16",
+        "out_k = post_k * f + sum_j comb[j, k] * x_j (the transposed comb), fp32; canonical: start from post_k*f and "
+        "add the j terms in increasing j; one cast.", **_BF16),
+    OpContract(
+        "mhc_head",
+        "mhc_head(x[b, s, hc, d] bf16, fn[hc, hc*d] fp32, scale[1] fp32, base[hc] fp32, norm_eps, hc_eps) "
+        "-> [b, s, d] bf16",
+        "Collapse the streams before the final norm: pre = sigmoid(m*scale + base) + hc_eps (no Sinkhorn); "
+        "y = sum_j pre_j x_j.", **_BF16),
+    OpContract(
+        "moe_gate",
+        "moe_gate(x[T, d] bf16, weight[E, d] fp32, bias[E] fp32 | None, hash_experts[T, k] int64 | None, k, "
+        "route_scale) -> (weights[T, k] fp32, experts[T, k] int64)",
+        "a = sqrt(softplus(x @ weight.T)); experts = hash_experts if given, else the k best of a + bias (ties: "
+        "lower expert id), in descending order; weights = a[experts] / sum(a[experts]) * route_scale.", **_FP32),
+    OpContract(
+        "moe_dispatch",
+        "moe_dispatch(experts[T, k] int64, n_experts) -> (order[T*k] int64, counts[E] int64)",
+        "Stable sort of the flat (token, slot) pairs by expert id: order lists flat indices t*k + slot grouped by "
+        "expert, counts[e] rows each.", atol=0.0, rtol=0.0, exact_only_output=True),
+    OpContract(
+        "swiglu",
+        "swiglu(g[n, f] bf16, u[n, f] bf16, limit, route_weight[n] fp32 | None) -> [n, f] bf16",
+        "Clamped SwiGLU: u = clamp(u, -limit, limit), g = min(g, limit) (when limit > 0); h = silu(g) * u * "
+        "route_weight in fp32; one cast.", **_BF16),
+    OpContract(
+        "moe_combine",
+        "moe_combine(expert_out[T*k, d] bf16 in dispatch order, order[T*k] int64, k, shared[T, d] bf16) -> [T, d] bf16",
+        "y_t = sum over slots 0..k-1 (in slot order, fp32) of the expert output of (t, slot), then + shared_t; "
+        "one cast. The order never depends on where or when an expert ran.", **_BF16),
+    OpContract(
+        "sample",
+        "sample(logits[b, V] fp32, temperature[b] fp32, top_p[b] fp32, seed: int, request[b] int64, "
+        "position[b] int64) -> [b] int64",
+        "temperature 0: argmax (ties: lower id). Otherwise p = softmax(logits / T) restricted to the smallest set "
+        "of most likely tokens whose mass reaches top_p, and the token maximising p_i / E_i with E_i = -log(U_i), "
+        "U from a counter-based generator keyed by (seed, request, position, i): the same draw on every device.",
+        atol=0.0, rtol=0.0, exact_only_output=True),
+]}
+
+
+def contract(name: str) -> OpContract:
+    return CONTRACTS[name]
