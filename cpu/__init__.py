@@ -1,0 +1,8 @@
+"""The `cpu` backend: the reference. Every op is the canonical composite, so it meets the `exact` level."""
+from dsv4.backends.registry import Backend, Registry, add_canonical_kernels
+
+
+def register(registry: Registry) -> None:
+    backend = registry.add_backend(Backend(
+        name="cpu", device_types=("cpu",), description="reference: canonical composites in plain torch"))
+    add_canonical_kernels(backend)
