@@ -1,0 +1,148 @@
+"""The `dsv4` command line. Errors are one line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import click
+
+from dsv4.backends.levels import LEVEL_NAMES
+from dsv4.errors import DSV4Error
+
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+class Progress:
+    """Progress on stderr: rewrites one line on a terminal, prints a line per phase change otherwise."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.tty, self.phase, self.last = enabled, sys.stderr.isatty(), None, 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if phase == self.phase and done < total and now - self.last < 0.2:
+            return
+        self.last = now
+        line = f"{phase}: {done}/{total}"
+        if self.tty:
+            click.echo(f"\r\033[K{line}", err=True, nl=done >= total)
+        elif phase != self.phase or done >= total:
+            click.echo(line, err=True)
+        self.phase = phase
+
+    def loading(self, done: int, total: int) -> None:
+        self("load", done, total)
+
+
+def friendly_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DSV4Error as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="dsv4")
+def main() -> None:
+    """DeepSeek-V4 inference on any accelerator, with determinism you can prove."""
+
+
+def backend_options(fn):
+    fn = click.option("--ops", "op_overrides", default=None,
+                      help="Per-op kernel overrides: op=backend[:kernel],... (also DSV4_OP_OVERRIDES).")(fn)
+    fn = click.option("--ops-config", type=click.Path(dir_okay=False), default=None,
+                      help="TOML file with an [ops] table of per-op overrides.")(fn)
+    fn = click.option("--determinism", type=click.Choice(LEVEL_NAMES), default="fast", show_default=True,
+                      help="Determinism level every kernel must declare.")(fn)
+    fn = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu (optionally :index).")(fn)
+    return fn
+
+
+@main.command()
+@click.option("--model", type=click.Path(), default=None, help="Checkpoint directory (official safetensors layout).")
+@click.option("--preset", default=None, help="Run a preset's randomly initialised checkpoint (tiny, small, ...).")
+@backend_options
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prefill-chunk", type=int, default=None, help="Prefill the prompt in chunks of this many tokens.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@friendly_errors
+def run(model, preset, device, determinism, ops_config, op_overrides, prompt, max_new_tokens, temperature, top_p,
+        seed, prefill_chunk, quiet):
+    """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded."""
+    from dsv4.api import load
+    from dsv4.backends.registry import collect_overrides
+    from dsv4.engine import Request
+    from dsv4.tokenizer import IncrementalDecoder
+
+    progress = Progress(enabled=not quiet)
+    pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
+                progress=progress.loading)
+    config = pipe.config
+    ids = [config.bos_token_id] + pipe.tokenizer.encode(prompt)
+    engine = pipe.engine(seed=seed, prefill_chunk=prefill_chunk)
+    decoder = IncrementalDecoder(pipe.tokenizer)
+    click.echo(prompt, nl=False)
+
+    def stream(_: int, token: int) -> None:
+        if token != config.eos_token_id:
+            click.echo(decoder.push(token), nl=False)
+
+    engine.generate([Request(ids, max_new_tokens, temperature, top_p)], on_token=stream, progress=None)
+    click.echo(decoder.flush())
+    t = engine.timings
+    click.echo(f"[{pipe.model.ops.backend}/{device}, {determinism}] prefill {t.prefill_tokens} tokens at "
+               f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s", err=True)
+
+
+@main.command()
+@click.option("--level", type=click.Choice(LEVEL_NAMES), default=None,
+              help="Show which kernel each op resolves to at this level.")
+@friendly_errors
+def backends(level):
+    """List backends, their devices and availability, and a per-op table of kernels and levels."""
+    from dsv4.backends.contracts import CONTRACTS
+    from dsv4.backends.registry import default_registry
+
+    registry = default_registry()
+    names = sorted(registry.backends)
+    for name in names:
+        b = registry.backends[name]
+        reason = b.unavailable_reason()
+        status = "available" if reason is None else f"unavailable: {reason}"
+        click.echo(f"{name:8} devices={','.join(b.device_types):10} {status}")
+    for name, err in registry.load_errors.items():
+        click.echo(f"{name:8} {err}")
+    click.echo("")
+    click.echo(f"{'op':22}" + "".join(f"{n:30}" for n in names))
+    for op in CONTRACTS:
+        cells = []
+        for n in names:
+            kernels = registry.backends[n].kernels.get(op, [])
+            cells.append(", ".join(f"{k.name}({k.level.label})" for k in kernels) or "-")
+        click.echo(f"{op:22}" + "".join(f"{c:30}" for c in cells))
+    if level:
+        click.echo("")
+        for n in names:
+            try:
+                table = registry.resolve(n, level, check_available=False)
+                click.echo(f"{n} at {level}: ok")
+            except DSV4Error as e:
+                click.echo(f"{n} at {level}: {e}")
+
+
+if __name__ == "__main__":
+    main()
