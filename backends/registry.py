@@ -101,8 +101,8 @@ class Registry:
         """The backend serving a device type: the built-in one of that name first, else the first that claims it."""
         candidates = [b for b in self.backends.values() if device_type in b.device_types]
         if not candidates:
-            raise DSV4Error(f"no backend serves device {device_type!r}; installed backends: "
-                            f"{', '.join(f'{b.name} ({'/'.join(b.device_types)})' for b in self.backends.values())}")
+            installed = ", ".join(f"{b.name} ({'/'.join(b.device_types)})" for b in self.backends.values())
+            raise DSV4Error(f"no backend serves device {device_type!r}; installed backends: {installed}")
         candidates.sort(key=lambda b: b.name != _BUILTIN_FOR_DEVICE.get(device_type))
         return candidates[0]
 
