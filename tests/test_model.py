@@ -1,0 +1,100 @@
+"""The model core: parameter layout, shapes, and the equivalence of prefill, chunked prefill and decode."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dsv4.api import resolve_ops
+from dsv4.checkpoint import runtime_layout
+from dsv4.config import preset
+from dsv4.model import Transformer, rope_table
+
+from conftest import random_prompt
+
+# Prefill, chunked prefill and decode run the same kernels on the same rows in the same order, so on the exact
+# CPU reference their logits must agree bit for bit: the tolerance of these tests is zero.
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "v4-flash", "v4-pro"])
+def test_model_parameters_match_the_runtime_checkpoint_layout(name):
+    config = preset(name)
+    with torch.device("meta"):
+        model = Transformer(config, resolve_ops("cpu"))
+    params = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    expected = {k: (tuple(spec.shape), spec.dtype) for k, spec in runtime_layout(config).items()}
+    assert params == expected
+
+
+def test_tiny_preset_contains_every_layer_kind():
+    c = preset("tiny")
+    ratios = c.compress_ratios[:c.n_layers]
+    assert ratios[0] == 0 and 4 in ratios and 128 in ratios       # window-only lead, CSA and HCA interleaved
+    assert c.n_hash_layers >= 1 and c.n_hash_layers < c.n_layers   # hash-routed and score-routed MoE
+    assert c.n_mtp_layers == 1 and c.compress_ratios[-1] == 0
+
+
+def test_forward_returns_fp32_logits_and_bf16_streams(tiny):
+    engine = tiny.engine()
+    logits = engine.prefill(random_prompt(9, 0), slot=0, all_logits=True)
+    assert logits.shape == (1, 9, tiny.config.vocab_size) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all() and logits.std() > 0.1
+    last = engine.prefill(random_prompt(9, 0), slot=0)
+    assert last.shape == (1, 1, tiny.config.vocab_size)
+    assert _bits_equal(last[0, -1], logits[0, -1])
+
+
+def test_decode_token_by_token_matches_full_prefill_across_window_and_block_boundaries(short_block):
+    # window 16, CSA ratio 4 (overlapping, indexer top-8), HCA ratio 8: 45 tokens cross all of them several times
+    prompt = random_prompt(45, 1)
+    full = short_block.engine().prefill(prompt, slot=0, all_logits=True)
+    stepwise = short_block.engine(prefill_chunk=1).prefill(prompt, slot=0, all_logits=True)
+    assert _bits_equal(stepwise, full)
+
+
+def test_decode_after_prefill_crosses_a_128_token_hca_block(tiny):
+    prompt = random_prompt(134, 2)
+    full = tiny.engine().prefill(prompt, slot=0, all_logits=True)[0]
+    engine = tiny.engine()
+    engine.prefill(prompt[:123], slot=1)
+    for pos in range(123, 134):                                    # teacher-forced decode across position 128
+        out = engine.forward(torch.tensor([[prompt[pos]]]), [pos], [1])
+        assert _bits_equal(out[0, -1], full[pos]), f"position {pos}"
+
+
+def test_chunked_prefill_matches_whole_prefill(short_block):
+    prompt = random_prompt(40, 3)
+    whole = short_block.engine().prefill(prompt, slot=0, all_logits=True)
+    for chunk in (5, 16):
+        assert _bits_equal(short_block.engine(prefill_chunk=chunk).prefill(prompt, 0, all_logits=True), whole)
+
+
+def test_mtp_block_predicts_from_streams_and_next_tokens(tiny):
+    engine = tiny.engine()
+    prompt = random_prompt(12, 4)
+    from dsv4.model import Step
+    step = Step(start=torch.tensor([0]), slots=torch.tensor([0]), cache=engine.cache, n_new=11)
+    engine.cache.reset(0)
+    with torch.inference_mode():
+        _, streams = tiny.model(torch.tensor([prompt[:11]]), step)
+        mtp = tiny.model.mtp_logits(streams, torch.tensor([prompt[1:12]]), step)
+    assert mtp.shape == (1, 11, tiny.config.vocab_size) and torch.isfinite(mtp).all()
+
+
+def test_rope_tables_use_yarn_only_on_compressed_layers():
+    c = preset("v4-flash")
+    cos_c, sin_c = rope_table(c, compressed=True)
+    cos_w, sin_w = rope_table(c, compressed=False)
+    assert cos_c.shape == (c.max_seq_len, c.rope_head_dim // 2)
+    # window layers: plain theta = 10000; angle of pair i at position 1 is 10000^(-2i/64)
+    assert math.isclose(math.atan2(sin_w[1, 5], cos_w[1, 5]), 10000 ** (-10 / 64), rel_tol=1e-6)
+    # compressed layers, base 160000, YaRN: fast pairs below low=15 are kept, slow pairs from high=25 are divided by
+    # the factor 16
+    f = lambda i: 160000 ** (-2 * i / 64)
+    assert math.isclose(math.atan2(sin_c[1, 3], cos_c[1, 3]), f(3), rel_tol=1e-6)
+    assert math.isclose(math.atan2(sin_c[1, 30], cos_c[1, 30]), f(30) / 16, rel_tol=1e-6)
