@@ -102,7 +102,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompt, ma
             click.echo(decoder.push(token), nl=False)
 
     engine.generate([Request(ids, max_new_tokens, temperature, top_p)], on_token=stream, progress=None)
-    click.echo(decoder.flush())
+    click.echo(decoder.finish())
     t = engine.timings
     click.echo(f"[{pipe.model.ops.backend}/{device}, {determinism}] prefill {t.prefill_tokens} tokens at "
                f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s", err=True)

@@ -1,0 +1,107 @@
+"""`dsv4 run` and `dsv4 backends` as a user meets them: output, progress, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv4.config import preset
+
+
+def dsv4(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script in a fresh process, as a user would."""
+    exe = shutil.which("dsv4") or os.path.join(os.path.dirname(sys.executable), "dsv4")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr   # progress lines may precede
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_run_with_no_arguments_generates_text_and_reports_tokens_per_second():
+    proc = dsv4("run", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("def fibonacci(n):") and len(proc.stdout) > len("def fibonacci(n):")
+    assert "prefill" in proc.stderr and "tok/s" in proc.stderr and "load: " in proc.stderr
+
+
+def test_run_is_deterministic_across_processes_with_a_seed(tiny_dir):
+    args = ("run", "--model", str(tiny_dir), "--temperature", "0.8", "--seed", "3", "--max-new-tokens", "6", "--quiet")
+    assert dsv4(*args).stdout == dsv4(*args).stdout
+
+
+def test_backends_lists_every_backend_with_availability_and_ops():
+    proc = dsv4("backends")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "cpu" in out and "available" in out
+    if not torch.cuda.is_available():
+        assert "cuda" in out and "unavailable: " in out
+    assert "npu" in out and "torch-npu is not installed" in out
+    assert "sparse_attention" in out and "canonical(exact)" in out
+
+
+def test_unknown_preset_names_the_choices():
+    _one_line_error(dsv4("run", "--preset", "huge"), "unknown preset 'huge'", "tiny")
+
+
+def test_npu_without_torch_npu_says_what_to_install():
+    pytest.importorskip("torch", reason="always present")
+    if torch.__dict__.get("npu"):
+        pytest.skip("torch-npu is installed here")
+    _one_line_error(dsv4("run", "--device", "npu"), "npu", "torch-npu is not installed", "pip install")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused():
+    _one_line_error(dsv4("run", "--device", "cuda"), "backend 'cuda' is not usable here")
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_dir):
+    _one_line_error(dsv4("run", "--model", str(tiny_dir), "--prompt", "x" * 600), "exceeds the context length")
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_checkpoint_with_a_missing_tensor_names_it(tiny_dir, tmp_path):
+    bad = _copy(tiny_dir, tmp_path / "ckpt")
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["layers.0.attn.wkv.weight"]
+    # drop it from the file too, so the file and index agree and only the tensor is missing
+    from safetensors.torch import load_file, save_file
+    shard = bad / next(iter(set(index["weight_map"].values())))
+    tensors = load_file(shard)
+    tensors.pop("layers.0.attn.wkv.weight", None)
+    save_file(tensors, shard)
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    _one_line_error(dsv4("run", "--model", str(bad)), "layers.0.attn.wkv.weight", "missing")
+
+
+def test_truncated_checkpoint_file_names_the_file(tiny_dir, tmp_path):
+    bad = _copy(tiny_dir, tmp_path / "ckpt")
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    _one_line_error(dsv4("run", "--model", str(bad)), shard.name)
+
+
+def test_unknown_determinism_level_is_refused():
+    proc = dsv4("run", "--determinism", "bitwise")
+    assert proc.returncode != 0 and "bitwise" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    _one_line_error(dsv4("run", "--model", str(tmp_path / "nowhere")), "nowhere")
