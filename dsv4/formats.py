@@ -28,8 +28,10 @@ def pow2_ceil(r: torch.Tensor) -> torch.Tensor:
 
 
 def block_scales(amax: torch.Tensor, floor: float, qmax: float) -> torch.Tensor:
-    """ue8m0 scale of a block: 2^ceil(log2(max(amax, floor) / qmax)), the division an IEEE fp32 one."""
-    return pow2_ceil(amax.float().clamp_min(floor) / qmax)
+    """ue8m0 scale of a block: 2^ceil(log2(max(amax, floor) / qmax)), the division an IEEE fp32 one (by a tensor:
+    CUDA turns division by a Python number into a reciprocal multiply)."""
+    amax = amax.float().clamp_min(floor)
+    return pow2_ceil(amax / torch.full_like(amax, qmax))
 
 
 # -- e8m0 scales -------------------------------------------------------------------------------------------------
