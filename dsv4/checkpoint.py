@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dsv4.backends.canonical.primitives import counter_uniform
 from dsv4.backends.contracts import FP4_BLOCK, FP8_BLOCK
 from dsv4.config import ModelConfig
 from dsv4.errors import DSV4Error
@@ -175,18 +176,21 @@ def random_weights(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, to
     tensor except the `.scale`s, in `official_layout` order. FP8/FP4 linears come as fp32 [out, in]; every other
     tensor already has its checkpoint dtype.
 
-    Linear weights ~ N(0, 1/in), embedding ~ N(0, 1), norms 1, attention sinks and gate biases 0. The mHC mixing
+    Linear weights of standard deviation 1/sqrt(in), embedding of deviation 1 (uniform, portable), norms 1, attention sinks and gate biases 0. The mHC mixing
     starts as a plain residual: pre ~ 1/hc_mult per stream, post ~ 1 and the residual mixing ~ identity.
     Hash layers route token t to experts (t*k + j) % E, j < k: k distinct experts per token, all experts used
     equally (to within one token).
     """
-    gen = torch.Generator().manual_seed(seed)
     hc = config.hc_mult
-    pre_logit = torch.logit(torch.tensor(1.0 / hc), eps=1e-2).item()  # sigmoid(pre_logit) = 1/hc
+    pre_logit = math.log(1.0 / (hc - 1))                               # sigmoid(pre_logit) = 1/hc
+    counter = iter(range(1 << 30))
     mix_base = torch.cat([torch.full((hc,), pre_logit), torch.zeros(hc), COMB_DIAGONAL * torch.eye(hc).flatten()])
 
     def normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=gen) * std
+        """Zero-mean values of standard deviation `std` (uniform, from the counter-based generator): the same bits
+        on every machine and torch version, so golden digests of a preset's model stay valid everywhere."""
+        u = counter_uniform(seed, torch.tensor([next(counter)]), torch.tensor([0]), math.prod(shape), "cpu")
+        return ((u * 2 - 1) * (std * math.sqrt(3))).view(shape)
 
     for name, spec in official_layout(config).items():
         if name.endswith(".scale"):
