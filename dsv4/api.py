@@ -15,7 +15,7 @@ import torch
 
 from dsv4.backends.levels import Level
 from dsv4.backends.registry import OpTable, Registry, default_registry
-from dsv4.checkpoint import load_checkpoint, write_checkpoint
+from dsv4.checkpoint import RANDOM_WEIGHTS_VERSION, load_checkpoint, write_checkpoint
 from dsv4.config import preset as preset_config
 from dsv4.engine import Engine, Request
 from dsv4.errors import DSV4Error
@@ -32,7 +32,7 @@ def cache_dir() -> Path:
 def preset_checkpoint(name: str, seed: int = 0) -> Path:
     """A randomly initialised checkpoint of preset `name` in the official layout, written once to the cache dir."""
     config = preset_config(name)
-    target = cache_dir() / f"random-{name}-seed{seed}"
+    target = cache_dir() / f"random-{name}-seed{seed}-v{RANDOM_WEIGHTS_VERSION}"
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))

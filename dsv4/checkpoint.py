@@ -171,6 +171,10 @@ HC_FN_STD = 1e-2
 APE_STD = 1e-2
 
 
+# Bump when random_weights changes what it generates: cached random checkpoints and golden digests depend on it.
+RANDOM_WEIGHTS_VERSION = 2
+
+
 def random_weights(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """The seeded random model `write_checkpoint` stores, before quantisation: (name, value) for every official
     tensor except the `.scale`s, in `official_layout` order. FP8/FP4 linears come as fp32 [out, in]; every other

@@ -138,10 +138,61 @@ def backends(level):
         click.echo("")
         for n in names:
             try:
-                table = registry.resolve(n, level, check_available=False)
+                registry.resolve(n, level, check_available=False)
                 click.echo(f"{n} at {level}: ok")
             except DSV4Error as e:
                 click.echo(f"{n} at {level}: {e}")
+
+
+@main.command()
+@click.option("--backend", required=True, help="Backend to certify (cpu, cuda, npu or a vendor plugin).")
+@click.option("--device", default=None, help="Device to run on (default: the backend's device type).")
+@click.option("--level", type=click.Choice(LEVEL_NAMES), default="exact", show_default=True)
+@click.option("--presets", default="tiny", show_default=True, help="Comma-separated presets for whole-model checks.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@friendly_errors
+def verify(backend, device, level, presets, report_path, quiet):
+    """Check a backend's kernels against the levels they declare; non-zero exit on any failure."""
+    from pathlib import Path
+
+    from dsv4.backends.conformance import verify as run_verify
+
+    report = run_verify(backend, device, level, tuple(p for p in presets.split(",") if p),
+                        progress=Progress(enabled=not quiet))
+    if report_path:
+        Path(report_path).write_text(report.to_json())
+    click.echo(report.table())
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("first", type=click.Path(exists=True, dir_okay=False))
+@click.argument("second", type=click.Path(exists=True, dir_okay=False))
+@friendly_errors
+def compare(first, second):
+    """Diff two `dsv4 verify` reports (e.g. from two machines) check by check; non-zero exit if they differ."""
+    from dsv4.backends.conformance import Report, compare as diff_reports
+
+    a, b = Report.load(first), Report.load(second)
+    click.echo(f"{first}: {a.backend} on {a.device} at {a.level} ({a.environment.get('device_name')})")
+    click.echo(f"{second}: {b.backend} on {b.device} at {b.level} ({b.environment.get('device_name')})")
+    diffs = diff_reports(a, b)
+    for line in diffs:
+        click.echo(f"  DIFF  {line}")
+    click.echo(f"{len(diffs)} difference(s) over {len({c.name for c in a.checks} | {c.name for c in b.checks})} checks")
+    sys.exit(1 if diffs else 0)
+
+
+@main.command()
+@click.option("--presets", default="tiny", show_default=True)
+@friendly_errors
+def golden(presets):
+    """Maintainers: regenerate the golden digests from the CPU reference (backends/golden/digests.json)."""
+    from dsv4.backends.conformance import GOLDEN_FILE, regenerate_golden
+
+    digests = regenerate_golden(tuple(p for p in presets.split(",") if p))
+    click.echo(f"wrote {len(digests)} digests to {GOLDEN_FILE}")
 
 
 if __name__ == "__main__":
