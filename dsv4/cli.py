@@ -72,37 +72,55 @@ def backend_options(fn):
 @click.option("--model", type=click.Path(), default=None, help="Checkpoint directory (official safetensors layout).")
 @click.option("--preset", default=None, help="Run a preset's randomly initialised checkpoint (tiny, small, ...).")
 @backend_options
-@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
+@click.option("--prompt", "prompts", multiple=True, help=f"Prompt text; repeat to decode a batch. [default: {DEFAULT_PROMPT!r}]")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--prefill-chunk", type=int, default=None, help="Prefill the prompt in chunks of this many tokens.")
+@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
+              help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @friendly_errors
-def run(model, preset, device, determinism, ops_config, op_overrides, prompt, max_new_tokens, temperature, top_p,
-        seed, prefill_chunk, quiet):
-    """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded."""
+def run(model, preset, device, determinism, ops_config, op_overrides, prompts, max_new_tokens, temperature, top_p,
+        seed, prefill_chunk, logits_out, quiet):
+    """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded.
+
+    One prompt streams its completion; several prompts decode together as one batch and print in order."""
     from dsv4.api import load
     from dsv4.backends.registry import collect_overrides
     from dsv4.engine import Request
     from dsv4.tokenizer import IncrementalDecoder
 
+    prompts = prompts or (DEFAULT_PROMPT,)
     progress = Progress(enabled=not quiet)
     pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
                 progress=progress.loading)
     config = pipe.config
-    ids = [config.bos_token_id] + pipe.tokenizer.encode(prompt)
-    engine = pipe.engine(seed=seed, prefill_chunk=prefill_chunk)
+    requests = [Request([config.bos_token_id] + pipe.tokenizer.encode(p), max_new_tokens, temperature, top_p,
+                        request_id=i) for i, p in enumerate(prompts)]
+    engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk)
     decoder = IncrementalDecoder(pipe.tokenizer)
-    click.echo(prompt, nl=False)
+    streaming = len(prompts) == 1
 
     def stream(_: int, token: int) -> None:
         if token != config.eos_token_id:
             click.echo(decoder.push(token), nl=False)
 
-    engine.generate([Request(ids, max_new_tokens, temperature, top_p)], on_token=stream, progress=None)
-    click.echo(decoder.finish())
+    if streaming:
+        click.echo(prompts[0], nl=False)
+    results = engine.generate(requests, on_token=stream if streaming else None, record_logits=bool(logits_out))
+    if streaming:
+        click.echo(decoder.finish())
+    else:
+        for prompt, result in zip(prompts, results):
+            text = pipe.tokenizer.decode([t for t in result.tokens if t != config.eos_token_id])
+            click.echo(prompt + text)
+    if logits_out:
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({f"prompt{i}": torch.stack(r.logits) for i, r in enumerate(results)}, logits_out)
     t = engine.timings
     click.echo(f"[{pipe.model.ops.backend}/{device}, {determinism}] prefill {t.prefill_tokens} tokens at "
                f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s", err=True)
