@@ -108,8 +108,9 @@ CONTRACTS: dict[str, OpContract] = {c.name: c for c in [
         "mhc_pre(x[b, s, hc, d] bf16, fn[(2+hc)*hc, hc*d] fp32, scale[3] fp32, base[(2+hc)*hc] fp32, norm_eps, "
         "hc_eps, iters) -> (y[b, s, d] bf16, post[b, s, hc] fp32, comb[b, s, hc, hc] fp32)",
         "mHC pre-mapping: m = (flat(x) @ fn.T) / rms(flat(x)); pre = sigmoid(m[:hc]*scale0 + base) + hc_eps; "
-        "post = 2*sigmoid(m[hc:2hc]*scale1 + base); comb = Sinkhorn(softmax_rows(m[2hc:]*scale2 + base) + hc_eps) "
-        "with `iters` alternating column/row normalisations (column first); y = sum_j pre_j x_j.", **_FP32),
+        "post = 2*sigmoid(m[hc:2hc]*scale1 + base); comb = softmax_rows(m[2hc:]*scale2 + base) + hc_eps, then one "
+        "column normalisation, then (iters-1) rounds of (row, column), each dividing by (sum + hc_eps); "
+        "y = sum_j pre_j x_j.", **_FP32),
     OpContract(
         "mhc_post",
         "mhc_post(f[b, s, d] bf16, x[b, s, hc, d] bf16, post[b, s, hc] fp32, comb[b, s, hc, hc] fp32) "

@@ -89,7 +89,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
     One prompt streams its completion; several prompts decode together as one batch and print in order."""
     from dsv4.api import load
     from dsv4.backends.registry import collect_overrides
-    from dsv4.engine import Request
+    from dsv4.engine import Request, prompt_key
     from dsv4.tokenizer import IncrementalDecoder
 
     prompts = prompts or (DEFAULT_PROMPT,)
@@ -97,8 +97,9 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
     pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
                 progress=progress.loading)
     config = pipe.config
-    requests = [Request([config.bos_token_id] + pipe.tokenizer.encode(p), max_new_tokens, temperature, top_p,
-                        request_id=i) for i, p in enumerate(prompts)]
+    # A request's sampling key is its prompt's content, so a prompt samples the same tokens wherever it sits in a batch.
+    requests = [Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids))
+                for ids in ([config.bos_token_id] + pipe.tokenizer.encode(p) for p in prompts)]
     engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk)
     decoder = IncrementalDecoder(pipe.tokenizer)
     streaming = len(prompts) == 1

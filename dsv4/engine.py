@@ -6,6 +6,7 @@ so a request's tokens do not depend on which other requests share its batch.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,6 +49,13 @@ class Timings:
     @property
     def decode_tps(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def prompt_key(prompt: list[int]) -> int:
+    """A request id derived from the prompt's tokens (63 bits of sha256): the same prompt samples the same tokens
+    whatever else is in the batch and wherever it sits."""
+    digest = hashlib.sha256(",".join(map(str, prompt)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 TokenCallback = Callable[[int, int], None]          # (index of the request, new token id)

@@ -26,22 +26,26 @@ from dsv4.config import ModelConfig
 
 # -- RoPE tables ---------------------------------------------------------------------------------------------------
 def rope_table(config: ModelConfig, compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [max_seq_len, rope_head_dim/2] fp32, computed on the host in float64 and rounded once.
+    """(cos, sin) [max_seq_len, rope_head_dim/2] fp32, computed on the host: frequencies and angles rounded to fp32
+    where the reference computes them in fp32, cos/sin in float64 rounded once (the same table on every machine).
 
     Compressed layers use compress_rope_theta with YaRN frequency interpolation (no mscale); window-only layers and
     MTP use rope_theta without YaRN (reference L199-244, L474-480)."""
+    def fp32(t: torch.Tensor) -> torch.Tensor:   # round to fp32 where the reference computes in fp32
+        return t.float().double()
+
     rd = config.rope_head_dim
     base = config.compress_rope_theta if compressed else config.rope_theta
-    freqs = 1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
+    freqs = fp32(1.0 / fp32(torch.tensor(float(base), dtype=torch.float64) ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)))
     if compressed and config.original_seq_len > 0:
         def correction_dim(n_rot: float) -> float:
             return rd * math.log(config.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
         low = max(math.floor(correction_dim(config.beta_fast)), 0)
         high = min(math.ceil(correction_dim(config.beta_slow)), rd - 1)
-        ramp = ((torch.arange(rd // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
-        smooth = 1 - ramp
-        freqs = freqs / config.rope_factor * (1 - smooth) + freqs * smooth
-    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), freqs)
+        span = fp32(torch.tensor(high - low if high != low else high + 0.001 - low, dtype=torch.float64))
+        smooth = fp32(1 - fp32((torch.arange(rd // 2, dtype=torch.float64) - low) / span).clamp(0, 1))
+        freqs = fp32(fp32(fp32(freqs / config.rope_factor) * fp32(1 - smooth)) + fp32(freqs * smooth))
+    angles = fp32(torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), freqs))
     return angles.cos().float(), angles.sin().float()
 
 
