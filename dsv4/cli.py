@@ -146,13 +146,11 @@ def backends(level):
     for name, err in registry.load_errors.items():
         click.echo(f"{name:8} {err}")
     click.echo("")
-    click.echo(f"{'op':22}" + "".join(f"{n:30}" for n in names))
-    for op in CONTRACTS:
-        cells = []
-        for n in names:
-            kernels = registry.backends[n].kernels.get(op, [])
-            cells.append(", ".join(f"{k.name}({k.level.label})" for k in kernels) or "-")
-        click.echo(f"{op:22}" + "".join(f"{c:30}" for c in cells))
+    rows = [[op] + [", ".join(f"{k.name}({k.level.label})" for k in registry.backends[n].kernels.get(op, [])) or "-"
+                    for n in names] for op in CONTRACTS]
+    widths = [max(len(r[i]) for r in rows + [["op"] + names]) + 2 for i in range(len(names) + 1)]
+    for row in [["op"] + names] + rows:
+        click.echo("".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     if level:
         click.echo("")
         for n in names:

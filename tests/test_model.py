@@ -98,3 +98,32 @@ def test_rope_tables_use_yarn_only_on_compressed_layers():
     f = lambda i: 160000 ** (-2 * i / 64)
     assert math.isclose(math.atan2(sin_c[1, 3], cos_c[1, 3]), f(3), rel_tol=1e-6)
     assert math.isclose(math.atan2(sin_c[1, 30], cos_c[1, 30]), f(30) / 16, rel_tol=1e-6)
+
+
+def test_hash_layers_route_each_token_by_its_id_whatever_the_context(tiny):
+    """Layers below n_hash_layers take a token's experts from the checkpoint's tid2eid table, so the same token id
+    goes to the same experts in any context; score-routed layers depend on the hidden state."""
+    ops, seen = tiny.model.ops, []
+    original = ops.moe_gate
+
+    def recording_gate(x, weight, bias, hash_experts, k, route_scale):
+        weights, experts = original(x, weight, bias, hash_experts, k, route_scale)
+        seen.append((hash_experts is not None, experts.clone()))
+        return weights, experts
+
+    ops.moe_gate = recording_gate
+    try:
+        first, second = [7, 42, 99, 42], [42, 3, 3, 200]
+        for prompt in (first, second):
+            tiny.engine().prefill(prompt, slot=0)
+    finally:
+        ops.moe_gate = original
+    n_layers = tiny.config.n_layers
+    runs = [seen[:n_layers], seen[n_layers:]]
+    for layer in range(tiny.config.n_hash_layers):
+        table = tiny.model.layers[layer].ffn.gate.tid2eid
+        for prompt, run in zip((first, second), runs):
+            hashed, experts = run[layer]
+            assert hashed and torch.equal(experts, table[torch.tensor(prompt)])
+        assert torch.equal(runs[0][layer][1][1], runs[1][layer][1][0])      # token 42 in both prompts
+    assert not any(hashed for hashed, _ in runs[0][tiny.config.n_hash_layers:])
