@@ -212,5 +212,12 @@ def golden(presets):
     click.echo(f"wrote {len(digests)} digests to {GOLDEN_FILE}")
 
 
+
+# -- benchmarks: `dsv4 bench <what>`; each benchmark is a subcommand of this group ------------------------------------
+@main.group()
+def bench() -> None:
+    """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""
+
+
 if __name__ == "__main__":
     main()
