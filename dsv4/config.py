@@ -193,7 +193,21 @@ def _small() -> ModelConfig:
     )
 
 
-PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "small": _small}
+def _default() -> ModelConfig:
+    """The embedded default model (dsv4/assets/default, trained by tools/train_default.py on the Python standard
+    library): every layer kind at a size that ships as package data (13 MB) and decodes on a laptop CPU. A window of
+    64 bytes within 512-byte training contexts, so distant context must come through CSA (indexer top-32 of the
+    4-token entries) and HCA (128-token entries)."""
+    return ModelConfig(
+        vocab_size=260, dim=256, moe_inter_dim=256, n_layers=6, n_hash_layers=2, n_heads=4,
+        n_routed_experts=8, n_activated_experts=2, route_scale=1.5, q_lora_rank=128, head_dim=128,
+        rope_head_dim=64, o_groups=2, o_lora_rank=128, window_size=64, original_seq_len=512,
+        index_n_heads=4, index_head_dim=128, index_topk=32, compress_ratios=(0, 4, 128, 4, 128, 4, 0),
+        max_seq_len=1024, max_batch_size=8, bos_token_id=256, eos_token_id=257,
+    )
+
+
+PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "small": _small, "default": _default}
 
 
 def preset(name: str) -> ModelConfig:
