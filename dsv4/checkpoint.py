@@ -7,14 +7,15 @@ Two tables, name -> (shape, dtype), describe everything:
   to fp32; `wo_a` is dequantised to bf16 (as the reference convert.py does); routed experts are stacked per layer.
 
 `load_checkpoint` validates a directory against the first from metadata alone, then converts it to the second.
-`write_checkpoint` writes a seeded random model in the first, loadable by the same path as the real one.
+`write_checkpoint` writes a model in the first (given weights, e.g. a trained one, or a seeded random model),
+quantising FP8/FP4 linears as DeepSeek does, so it loads by the same path as the real one.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,32 +226,56 @@ def random_weights(config: ModelConfig, seed: int = 0) -> Iterator[tuple[str, to
         yield name, value.to(spec.dtype)
 
 
-def write_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0, shards: int = 1) -> Path:
-    """Write `random_weights(config, seed)` in the official layout: config.json, `shards` safetensors files
-    model-0000k-of-0000n.safetensors with their index, and a byte-level tokenizer.json. Returns `out_dir`."""
+def write_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0, shards: int = 1,
+                     weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> Path:
+    """Write a model in the official layout: config.json, `shards` safetensors files model-0000k-of-0000n.safetensors
+    with their index, and a byte-level tokenizer.json. Returns `out_dir`.
+
+    `weights` are (name, value) pairs as `random_weights` yields them: every official tensor except the `.scale`s,
+    in `official_layout` order, FP8/FP4 linears as float [out, in] (quantised here, with e8m0 block scales), every
+    other tensor in its checkpoint dtype. Default: `random_weights(config, seed)`."""
     tokenizer_json = byte_level_tokenizer_json(config.vocab_size, config.bos_token_id, config.eos_token_id)
     layout = official_layout(config)
     if not 1 <= shards <= len(layout):
         raise DSV4Error(f"shards must be between 1 and {len(layout)} (one tensor per shard), got {shards}")
     plan = _plan_shards(layout, shards)
     files = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    expected = iter(name for name in layout if not name.endswith(".scale"))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     (out / "tokenizer.json").write_text(tokenizer_json)
     shard, pending = 0, {}
-    for name, value in random_weights(config, seed):
+    for name, value in random_weights(config, seed) if weights is None else weights:
+        _check_weight(name, value, next(expected, None), layout)
         for key, tensor in _encode(name, value, layout[name].dtype).items():
             if plan[key] != shard:  # shards hold consecutive tensors, so this one starts the next file
                 save_file(pending, out / files[shard], metadata={"format": "pt"})
                 shard, pending = plan[key], {}
             pending[key] = tensor
+    if (missing := next(expected, None)) is not None:
+        raise DSV4Error(f"weights end before {missing}")
     save_file(pending, out / files[shard], metadata={"format": "pt"})
     index = {"metadata": {"total_size": sum(spec.nbytes for spec in layout.values())},
              "weight_map": {name: files[plan[name]] for name in layout}}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def _check_weight(name: str, value: torch.Tensor, expected: str | None, layout: dict[str, TensorSpec]) -> None:
+    """A given weight must be the next official tensor, with its shape ([out, in] for FP8/FP4 linears) and dtype
+    (any float dtype for FP8/FP4 linears)."""
+    if name != expected:
+        raise DSV4Error(f"weights out of order: got {name}, expected {expected or 'no more tensors'}")
+    spec = layout[name]
+    quantised = spec.dtype in (E4M3, torch.int8)
+    shape = (spec.shape[0], spec.shape[1] * (2 if spec.dtype == torch.int8 else 1)) if quantised else spec.shape
+    if tuple(value.shape) != shape:
+        raise DSV4Error(f"weight {name} has shape {list(value.shape)}, expected {list(shape)}")
+    if quantised and not value.is_floating_point() or not quantised and value.dtype != spec.dtype:
+        raise DSV4Error(f"weight {name} has dtype {value.dtype}, expected "
+                        f"{'a float dtype' if quantised else spec.dtype}")
 
 
 def _encode(name: str, value: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

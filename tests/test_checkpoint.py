@@ -190,6 +190,25 @@ def test_same_seed_writes_identical_files_and_another_seed_does_not(tmp_path, ti
     assert (other / shard).read_bytes() != (tiny_dir / shard).read_bytes()
 
 
+def test_given_weights_are_quantised_and_written_like_random_ones(tmp_path, tiny_dir):
+    """A trained model goes through the same writer: given weights produce the files random ones do."""
+    given = write_checkpoint(preset("tiny"), tmp_path, shards=3, weights=random_weights(preset("tiny"), seed=1))
+    for shard in ("model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        assert (given / shard).read_bytes() == (tiny_dir / shard).read_bytes()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda w: w[1:], "out of order"),
+    (lambda w: w[:-1], "weights end before"),
+    (lambda w: [(w[0][0], w[0][1][:-1])] + w[1:], "shape"),
+    (lambda w: [(w[0][0], w[0][1].float())] + w[1:], "dtype"),
+])
+def test_given_weights_must_match_the_layout(tmp_path, edit, message):
+    weights = list(random_weights(preset("tiny"), seed=0))
+    with pytest.raises(DSV4Error, match=message):
+        write_checkpoint(preset("tiny"), tmp_path, weights=edit(weights))
+
+
 @pytest.mark.parametrize("change", [dict(expert_dtype="fp8"), dict(dtype="bf16")])
 def test_other_weight_formats_round_trip(tmp_path, change):
     config = dataclasses.replace(preset("tiny"), **change)
