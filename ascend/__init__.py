@@ -1,33 +1,32 @@
-"""The `npu` backend (Huawei Ascend through torch-npu). Not yet run on Ascend hardware: see docs/ascend.md."""
+"""The `npu` backend: Huawei Ascend NPUs through torch-npu. Not yet run on Ascend hardware: see docs/ascend.md.
+
+Kernels come from `mapping.ENTRIES` (torch-npu fused operators, the integer exact GEMM, Triton-Ascend kernels when
+Triton-Ascend is usable), registered for the chip generation found here, fastest first, then the canonical
+composite of every op at `exact`. Ops without an Ascend kernel therefore run as the canonical composite, which
+`mapping.NO_OPERATOR` and the capability tables in docs/ascend.md state op by op.
+"""
 from __future__ import annotations
 
-import importlib.util
-import os
-
+from dsv4.backends.npu import device
+from dsv4.backends.npu.device import unavailable_reason
+from dsv4.backends.npu.distributed import distributed_env
 from dsv4.backends.registry import Backend, Registry, add_canonical_kernels
 
+__all__ = ["build_backend", "distributed_env", "register", "unavailable_reason"]
 
-def unavailable_reason() -> str | None:
-    """Which of torch-npu, CANN and a visible NPU is missing, and how to get it."""
-    if importlib.util.find_spec("torch_npu") is None:
-        return ("torch-npu is not installed: pip install 'dsv4[npu]' (torch-npu matching your torch version; it also "
-                "needs the CANN toolkit, see docs/ascend.md)")
-    if not (os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME")
-            or os.path.isdir("/usr/local/Ascend")):
-        return "the CANN toolkit was not found: install CANN and source its set_env.sh (ASCEND_HOME_PATH is unset)"
-    try:
-        import torch_npu  # noqa: F401
-        import torch
-    except Exception as e:
-        return f"torch-npu failed to import: {type(e).__name__}: {e}"
-    if not torch.npu.is_available() or torch.npu.device_count() == 0:
-        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-        return "no Ascend NPU is visible" + (f" (ASCEND_RT_VISIBLE_DEVICES={visible})" if visible is not None else "")
-    return None
+
+def build_backend(chip: str | None, triton: bool) -> Backend:
+    """The npu backend for a chip generation (None: none visible here) with or without Triton-Ascend kernels."""
+    from dsv4.backends.npu import mapping   # imported here so `python -m dsv4.backends.npu.mapping` runs it once
+
+    backend = Backend(name="npu", device_types=("npu",), probe=device.unavailable_reason,
+                      description="Ascend NPUs via torch-npu: fused operators, integer exact GEMM, Triton-Ascend "
+                                  "kernels, canonical composite as the exact floor")
+    for entry in mapping.entries_for(chip, triton):
+        backend.add(entry.op, entry.load(), entry.level, entry.kernel)
+    add_canonical_kernels(backend)
+    return backend
 
 
 def register(registry: Registry) -> None:
-    backend = registry.add_backend(Backend(
-        name="npu", device_types=("npu",), probe=unavailable_reason,
-        description="Ascend NPUs via torch-npu: fused operators, TileLang-Ascend/Triton-Ascend kernels"))
-    add_canonical_kernels(backend)
+    registry.add_backend(build_backend(device.detect_chip(), device.triton_ascend_available()))
