@@ -125,7 +125,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
 
 
 # -- grouped_quant_linear: torch_npu.npu_grouped_matmul ------------------------------------------------------------
-def expert_chunks(counts: torch.Tensor, max_groups: int = MAX_GROUPS) -> list[tuple[int, int, list[int]]]:
+def expert_chunks(counts: torch.Tensor, max_groups: int) -> list[tuple[int, int, list[int]]]:
     """Split the experts that have rows into calls of at most `max_groups` experts: (first row, end row, experts)."""
     chunks, start, experts, first = [], 0, [], 0
     for e, count in enumerate(counts.tolist()):
@@ -155,7 +155,7 @@ def grouped_quant_linear(x: torch.Tensor, counts: torch.Tensor, weight: torch.Te
     (x=[rows], weight=[w], split_item=2, group_type=0, group_list_type=1; ops/fused_moe/moe_mlp.py)."""
     xq = quantize_activation(x)
     y = torch.zeros(x.shape[0], weight.shape[1], dtype=torch.bfloat16, device=x.device)
-    for first, end, experts in expert_chunks(counts):
+    for first, end, experts in expert_chunks(counts, MAX_GROUPS):
         w, group_list = grouped_matmul_operands(counts, weight, scale, experts)
         y[first:end] = _torch_npu().npu_grouped_matmul([xq[first:end]], [w], group_list=group_list, split_item=2,
                                                        group_type=0, group_list_type=1)[0]
