@@ -92,6 +92,8 @@ ENTRIES: list[Entry] = [
 ]
 
 NO_OPERATOR: dict[str, str] = {
+    "fake_quant": "torch-npu's quantisation operators (npu_quantize, npu_dynamic_quant) produce int8 with their own "
+                  "scales, not e4m3 with power-of-two block scales; A2/A3 have no float8 dtype",
     "hadamard": "torch-npu has no Walsh-Hadamard operator (SGLang's NPU compressor fuses one in a custom op)",
     "compress_pool": "V4's compressor is vllm-ascend's custom op _C_ascend.compressor, not in torch-npu",
     "indexer_topk": "npu_lightning_indexer scores in low precision with unspecified tie order; the contract "
@@ -171,10 +173,14 @@ def render() -> str:
     chip."""
     lines = [BEGIN, "", "### Op -> operator", "", *_mapping_table(), "", "### Ops with no torch-npu operator", "",
              "| op | why | runs as |", "|---|---|---|"]
-    triton_ops = {e.op for e in ENTRIES if e.kind == TRITON}
     for op, why in NO_OPERATOR.items():
-        runs = "Triton-Ascend kernel when available, else the canonical composite" if op in triton_ops else \
-            "the canonical composite"
+        own = [e for e in ENTRIES if e.op == op]
+        if any(e.kind == TRITON for e in own):
+            runs = "Triton-Ascend kernel when available, else the canonical composite"
+        elif own:
+            runs = " then ".join(f"`{e.kernel}` ({e.kind}, {e.level.label})" for e in own)
+        else:
+            runs = "the canonical composite"
         lines.append(f"| {op} | {why} | {runs} |")
     lines += ["", "### Capability per chip (kernel the registry picks at each level)", ""]
     for chip in CHIPS:
