@@ -247,6 +247,10 @@ def _op_cases() -> list[OpCase]:
         OpCase("moe_combine", "moe_combine", lambda s: (
             _rows(s, (2, 256), -2, 2, bf).flatten(0, 1), torch.arange(2 * len(s)), 2,
             _rows([x + 1 for x in s], (256,), -2, 2, bf))),
+        # One process: the collective is checked across processes by tests/test_expert_parallel.py.
+        OpCase("ep_combine", "ep_combine", lambda s: (
+            _rows(s, (2, 256), -2, 2, bf).flatten(0, 1), torch.arange(2 * len(s)), torch.tensor([2 * len(s)]), 2,
+            _rows([x + 1 for x in s], (256,), -2, 2, bf), None)),
         OpCase("sample", "sample", lambda s: (
             _rows(s, (260,), -4, 4), torch.tensor([(0.0, 0.7, 1.3)[x % 3] for x in s]),
             torch.tensor([(1.0, 0.9, 0.5)[x % 3] for x in s]), 1234, torch.tensor(s), torch.tensor([x * 7 for x in s]))),

@@ -145,6 +145,16 @@ CONTRACTS: dict[str, OpContract] = {c.name: c for c in [
         "y_t = sum over slots 0..k-1 (in slot order, fp32) of the expert output of (t, slot), then + shared_t; "
         "one cast. The order never depends on where or when an expert ran.", **_BF16),
     OpContract(
+        "ep_combine",
+        "ep_combine(local_out[n, d] bf16, order[T*k] int64, counts[E] int64, k, shared[T, d] bf16, group) "
+        "-> [T, d] bf16",
+        "moe_combine across expert-parallel processes. `group` (dsv4.parallel.ExpertGroup, or None for one process) "
+        "splits the E experts into equal contiguous ranges, one per rank; local_out holds this rank's rows of the "
+        "dispatch order (those of its experts). Every rank returns moe_combine(expert_out, order, k, shared), "
+        "expert_out being every rank's local_out concatenated in rank order. Canonical: the collective only moves "
+        "rows (an all-gather), and moe_combine runs locally, so the bits do not depend on the degree or on the "
+        "collective's algorithm.", **_BF16),
+    OpContract(
         "sample",
         "sample(logits[b, V] fp32, temperature[b] fp32, top_p[b] fp32, seed: int, request[b] int64, "
         "position[b] int64) -> [b] int64",

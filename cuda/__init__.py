@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from dsv4.backends.expert_parallel import add_expert_parallel_kernels
 from dsv4.backends.levels import Level
 from dsv4.backends.registry import Backend, Registry, add_canonical_kernels
 
@@ -34,4 +35,5 @@ def register(registry: Registry) -> None:
         for kind, level in (("fast", Level.FAST), ("invariant", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
             backend.add("quant_linear", quant_gemm.quant_linear(kind), level, f"triton_{kind}")
             backend.add("grouped_quant_linear", quant_gemm.grouped_quant_linear(kind), level, f"triton_{kind}")
+    add_expert_parallel_kernels(backend)
     add_canonical_kernels(backend)

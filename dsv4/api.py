@@ -16,10 +16,11 @@ import torch
 from dsv4.backends.levels import Level
 from dsv4.backends.registry import OpTable, Registry, default_registry
 from dsv4.checkpoint import RANDOM_WEIGHTS_VERSION, load_checkpoint, write_checkpoint
-from dsv4.config import preset as preset_config
+from dsv4.config import ModelConfig, preset as preset_config
 from dsv4.engine import Engine, Request
 from dsv4.errors import DSV4Error
 from dsv4.model import Transformer
+from dsv4.parallel import ExpertGroup
 from dsv4.tokenizer import Tokenizer
 
 DEFAULT_PRESET = "tiny"
@@ -42,6 +43,12 @@ def preset_checkpoint(name: str, seed: int = 0) -> Path:
         except OSError:                 # another process finished first; theirs is identical
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def checkpoint_config(model: str | Path | None = None, preset: str | None = None) -> ModelConfig:
+    """The config `load` would use, without reading or writing any weights."""
+    return ModelConfig.from_file(Path(model) / "config.json") if model is not None else preset_config(
+        preset or DEFAULT_PRESET)
 
 
 def resolve_ops(device: str, determinism: Level | str = Level.FAST, overrides: dict[str, str] | None = None,
@@ -75,15 +82,18 @@ class Pipeline:
 
 def load(model: str | Path | None = None, preset: str | None = None, device: str = "cpu",
          determinism: Level | str = Level.FAST, overrides: dict[str, str] | None = None,
-         backend: str | None = None, registry: Registry | None = None, progress=None) -> Pipeline:
-    """Open a checkpoint directory (`model`) or a preset's random checkpoint; default: the embedded tiny model."""
+         backend: str | None = None, registry: Registry | None = None, progress=None,
+         group: ExpertGroup | None = None) -> Pipeline:
+    """Open a checkpoint directory (`model`) or a preset's random checkpoint; default: the embedded tiny model.
+    With an expert-parallel `group`, this process loads and runs only its share of the routed experts."""
     if model is not None and preset is not None:
         raise DSV4Error("give either a model directory or a preset, not both")
     ops = resolve_ops(device, determinism, overrides, registry, backend)
     path = Path(model) if model is not None else preset_checkpoint(preset or DEFAULT_PRESET)
     torch_device = torch.device(device)
-    config, tensors, tokenizer = load_checkpoint(path, device=torch_device, progress=progress)
+    shard = None if group is None else (group.rank, group.size)
+    config, tensors, tokenizer = load_checkpoint(path, device=torch_device, progress=progress, expert_shard=shard)
     with torch.device("meta"):
-        net = Transformer(config, ops)
+        net = Transformer(config, ops, group)
     net.load_state_dict(tensors, strict=True, assign=True)
     return Pipeline(net.eval(), tokenizer, torch_device)

@@ -30,6 +30,7 @@ from dsv4.config import ModelConfig
 from dsv4.errors import DSV4Error
 from dsv4.formats import (dequantize_fp8_weight, e8m0_to_float, float_to_e8m0, quantize_weight_fp4,
                           quantize_weight_fp8)
+from dsv4.parallel import expert_range
 from dsv4.tokenizer import Tokenizer, byte_level_tokenizer_json
 
 BF16, F32, E4M3, E8M0 = torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e8m0fnu
@@ -141,10 +142,12 @@ def official_layout(config: ModelConfig) -> dict[str, TensorSpec]:
     return specs
 
 
-def runtime_layout(config: ModelConfig) -> dict[str, TensorSpec]:
+def runtime_layout(config: ModelConfig, experts: range | None = None) -> dict[str, TensorSpec]:
     """The model's state_dict: the official names and dtypes except that scales, norms, the head, the gate and the
     compressor projections are fp32, `wo_a` is bf16 without a scale, and routed experts are stacked per layer
-    (`….ffn.experts.w1.weight` [E, ...], `….ffn.experts.w1.scale` [E, ...])."""
+    (`….ffn.experts.w1.weight` [E, ...], `….ffn.experts.w1.scale` [E, ...]). With `experts` (one expert-parallel
+    rank's share) the stacks hold only those: [len(experts), ...]."""
+    n_experts = config.n_routed_experts if experts is None else len(experts)
     runtime: dict[str, TensorSpec] = {}
     for name, spec in official_layout(config).items():
         if name.endswith("attn.wo_a.scale"):
@@ -154,7 +157,7 @@ def runtime_layout(config: ModelConfig) -> dict[str, TensorSpec]:
         if expert is None:
             runtime[name] = TensorSpec(spec.shape, dtype)
         elif expert[2] == "0":
-            runtime[f"{expert[1]}.{expert[3]}"] = TensorSpec((config.n_routed_experts, *spec.shape), dtype)
+            runtime[f"{expert[1]}.{expert[3]}"] = TensorSpec((n_experts, *spec.shape), dtype)
     return runtime
 
 
@@ -303,13 +306,14 @@ def _plan_shards(layout: dict[str, TensorSpec], shards: int) -> dict[str, int]:
 
 # -- loading --------------------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    progress: Callable[[int, int], None] | None = None
+                    progress: Callable[[int, int], None] | None = None, expert_shard: tuple[int, int] | None = None
                     ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read an official (or HF-named) checkpoint directory into `runtime_layout` tensors on `device`.
 
     Every file, name, shape and dtype is checked against `official_layout` from the safetensors headers before any
     data is read; a problem raises DSV4Error naming the tensor and file. Files are memory-mapped. `progress` is
-    called with (checkpoint tensors read, total) as the conversion goes.
+    called with (checkpoint tensors read, total) as the conversion goes. `expert_shard` = (rank, size) reads only
+    that expert-parallel rank's routed experts (dsv4.parallel.expert_range); other experts' data is never read.
     """
     root = Path(path)
     if not root.is_dir():
@@ -319,13 +323,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     if (tokenizer.bos_id, tokenizer.eos_id) != (config.bos_token_id, config.eos_token_id):
         raise DSV4Error(f"tokenizer.json has bos/eos ids {tokenizer.bos_id}/{tokenizer.eos_id} but config.json "
                         f"says {config.bos_token_id}/{config.eos_token_id}")
+    experts = range(config.n_routed_experts) if expert_shard is None else expert_range(config.n_routed_experts,
+                                                                                         *expert_shard)
     layout = official_layout(config)
     files, index = _checkpoint_files(root)
     with ExitStack() as stack:
         handles = {file: _open(root / file, stack) for file in files}
         found = _find_tensors(handles)
         _validate(layout, found, handles, index, files)
-        tensors = _convert(config, layout, found, handles, device, progress)
+        tensors = _convert(config, experts, layout, found, handles, device, progress)
     return config, tensors, tokenizer
 
 
@@ -403,8 +409,10 @@ def _validate(layout: dict[str, TensorSpec], found: dict[str, tuple[str, str]], 
             raise DSV4Error(f"tensor {key} in {file} has dtype {dtype}, expected {_SAFETENSORS_DTYPE[spec.dtype]}")
 
 
-def _convert(config: ModelConfig, layout: dict[str, TensorSpec], found: dict[str, tuple[str, str]], handles: dict,
-             device: str | torch.device, progress: Callable[[int, int], None] | None) -> dict[str, torch.Tensor]:
+def _convert(config: ModelConfig, experts: range, layout: dict[str, TensorSpec],
+             found: dict[str, tuple[str, str]], handles: dict, device: str | torch.device,
+             progress: Callable[[int, int], None] | None) -> dict[str, torch.Tensor]:
+    skipped = sum(1 for name in layout if (m := _EXPERT.match(name)) and int(m[2]) not in experts)
     done = 0
 
     def read(name: str) -> torch.Tensor:
@@ -418,14 +426,14 @@ def _convert(config: ModelConfig, layout: dict[str, TensorSpec], found: dict[str
             tensor = e8m0_to_float(tensor)
         done += 1
         if progress is not None:
-            progress(done, len(layout))
+            progress(done, len(layout) - skipped)
         return tensor
 
     tensors: dict[str, torch.Tensor] = {}
-    for name, spec in runtime_layout(config).items():
+    for name, spec in runtime_layout(config, experts).items():
         scale = name.replace(".weight", ".scale")
         if stacked := _STACKED_EXPERT.match(name):
-            value = torch.stack([read(f"{stacked[1]}.{e}.{stacked[2]}") for e in range(config.n_routed_experts)])
+            value = torch.stack([read(f"{stacked[1]}.{e}.{stacked[2]}") for e in experts])
         elif name.endswith("attn.wo_a.weight") and scale in layout:  # FP8 in the files, bf16 in the model
             value = dequantize_fp8_weight(read(name), read(scale))
         else:

@@ -1,9 +1,12 @@
 """The `dsv4` command line. Errors are one line on stderr and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 import time
+from collections.abc import Iterator
 
 import click
 
@@ -68,6 +71,45 @@ def backend_options(fn):
     return fn
 
 
+def parallel_options(fn):
+    fn = click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                      show_default=True, help="Seconds a process waits for the others (rendezvous and every "
+                      "collective) before it gives up with an error.")(fn)
+    fn = click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                      help="Run as this many local processes, the routed experts split among them (expert "
+                      "parallelism). Launching under torchrun works too.")(fn)
+    return fn
+
+
+def ranks_launched(nproc: int, n_experts) -> bool:
+    """Start `nproc` ranks of this command line when asked to and not already one of them; True once they all
+    succeeded (the caller is done). `n_experts()` lets a bad split fail before any process starts."""
+    from dsv4.parallel import expert_range, launch_environment
+
+    launched = launch_environment()
+    if launched is not None:
+        if nproc > 1 and nproc != launched[1]:
+            raise DSV4Error(f"--nproc {nproc} does not match WORLD_SIZE={launched[1]} set by the launcher")
+        return False
+    if nproc == 1:
+        return False
+    from dsv4.launch import launch
+
+    expert_range(n_experts(), 0, nproc)
+    launch(nproc, sys.argv[1:])
+    return True
+
+
+@contextlib.contextmanager
+def rank_zero_speaks(group) -> Iterator[None]:
+    """Only rank 0 prints and streams; other ranks run silently (their errors still reach stderr)."""
+    if group is None or group.rank == 0:
+        yield
+        return
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
 @main.command()
 @click.option("--model", type=click.Path(), default=None, help="Checkpoint directory (official safetensors layout).")
 @click.option("--preset", default=None, help="Run a preset's randomly initialised checkpoint (tiny, small, ...).")
@@ -81,50 +123,61 @@ def backend_options(fn):
 @click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@parallel_options
 @friendly_errors
 def run(model, preset, device, determinism, ops_config, op_overrides, prompts, max_new_tokens, temperature, top_p,
-        seed, prefill_chunk, logits_out, quiet):
+        seed, prefill_chunk, logits_out, quiet, nproc, dist_timeout):
     """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded.
 
     One prompt streams its completion; several prompts decode together as one batch and print in order."""
-    from dsv4.api import load
+    from dsv4.api import checkpoint_config, load
     from dsv4.backends.registry import collect_overrides
     from dsv4.engine import Request, prompt_key
+    from dsv4.parallel import join
     from dsv4.tokenizer import IncrementalDecoder
 
+    if ranks_launched(nproc, lambda: checkpoint_config(model, preset).n_routed_experts):
+        return
     prompts = prompts or (DEFAULT_PROMPT,)
-    progress = Progress(enabled=not quiet)
-    pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
-                progress=progress.loading)
-    config = pipe.config
-    # A request's sampling key is its prompt's content, so a prompt samples the same tokens wherever it sits in a batch.
-    requests = [Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids))
-                for ids in ([config.bos_token_id] + pipe.tokenizer.encode(p) for p in prompts)]
-    engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk)
-    decoder = IncrementalDecoder(pipe.tokenizer)
-    streaming = len(prompts) == 1
+    overrides = collect_overrides(op_overrides, ops_config)
+    settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
+                "prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature,
+                "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk}
+    with join(device.split(":")[0], settings, dist_timeout) as group, rank_zero_speaks(group):
+        progress = Progress(enabled=not quiet)
+        device = group.place(device) if group else device
+        pipe = load(model, preset, device, determinism, overrides, progress=progress.loading, group=group)
+        config = pipe.config
+        # A request's sampling key is its prompt's content: a prompt samples the same tokens wherever it sits in a batch.
+        requests = [Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids))
+                    for ids in ([config.bos_token_id] + pipe.tokenizer.encode(p) for p in prompts)]
+        engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk)
+        decoder = IncrementalDecoder(pipe.tokenizer)
+        streaming = len(prompts) == 1
 
-    def stream(_: int, token: int) -> None:
-        if token != config.eos_token_id:
-            click.echo(decoder.push(token), nl=False)
+        def stream(_: int, token: int) -> None:
+            if token != config.eos_token_id:
+                click.echo(decoder.push(token), nl=False)
 
-    if streaming:
-        click.echo(prompts[0], nl=False)
-    results = engine.generate(requests, on_token=stream if streaming else None, record_logits=bool(logits_out))
-    if streaming:
-        click.echo(decoder.finish())
-    else:
-        for prompt, result in zip(prompts, results):
-            text = pipe.tokenizer.decode([t for t in result.tokens if t != config.eos_token_id])
-            click.echo(prompt + text)
-    if logits_out:
-        import torch
-        from safetensors.torch import save_file
+        if streaming:
+            click.echo(prompts[0], nl=False)
+        results = engine.generate(requests, on_token=stream if streaming else None, record_logits=bool(logits_out))
+        if streaming:
+            click.echo(decoder.finish())
+        else:
+            for prompt, result in zip(prompts, results):
+                text = pipe.tokenizer.decode([t for t in result.tokens if t != config.eos_token_id])
+                click.echo(prompt + text)
+        if logits_out and not (group and group.rank):
+            import torch
+            from safetensors.torch import save_file
 
-        save_file({f"prompt{i}": torch.stack(r.logits) for i, r in enumerate(results)}, logits_out)
-    t = engine.timings
-    click.echo(f"[{pipe.model.ops.backend}/{device}, {determinism}] prefill {t.prefill_tokens} tokens at "
-               f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s", err=True)
+            save_file({f"prompt{i}": torch.stack(r.logits) for i, r in enumerate(results)}, logits_out)
+        t = engine.timings
+        ranks = f", {group.size} expert-parallel ranks" if group else ""
+        click.echo(f"[{pipe.model.ops.backend}/{device}, {determinism}{ranks}] prefill {t.prefill_tokens} tokens at "
+                   f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s",
+                   err=True)
 
 
 @main.command()

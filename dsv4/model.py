@@ -22,6 +22,7 @@ from dsv4.backends.contracts import KV_FP8_BLOCK, FP4_BLOCK
 from dsv4.backends.registry import OpTable
 from dsv4.cache import CompressorState, KVCache, LayerCache
 from dsv4.config import ModelConfig
+from dsv4.parallel import ExpertGroup
 
 
 # -- RoPE tables ---------------------------------------------------------------------------------------------------
@@ -282,11 +283,12 @@ class Attention(nn.Module):
 
 # -- MoE -----------------------------------------------------------------------------------------------------------
 class Experts(nn.Module):
-    """Routed experts stacked per layer: w1, w3 [E, inter, dim], w2 [E, dim, inter] in the expert format."""
+    """Routed experts stacked per layer: w1, w3 [E, inter, dim], w2 [E, dim, inter] in the expert format; E is this
+    rank's share of the experts under expert parallelism."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, n_experts: int):
         super().__init__()
-        E, d, f = config.n_routed_experts, config.dim, config.moe_inter_dim
+        E, d, f = n_experts, config.dim, config.moe_inter_dim
         for name, (out_f, in_f) in {"w1": (f, d), "w2": (d, f), "w3": (f, d)}.items():
             if config.expert_dtype == "fp4":
                 weight = _param(E, out_f, in_f // 2, dtype=torch.int8)
@@ -329,13 +331,17 @@ class SharedExpert(nn.Module):
 
 class MoE(nn.Module):
     """DeepSeekMoE: one shared expert plus top-k routed experts (sqrt-softplus affinities; hash routing by token id
-    in the first n_hash_layers layers). The routing weight scales the SwiGLU output before w2, as the reference."""
+    in the first n_hash_layers layers). The routing weight scales the SwiGLU output before w2, as the reference.
 
-    def __init__(self, ops: OpTable, config: ModelConfig, layer_id: int):
+    Under expert parallelism (`group`), every rank routes all tokens, runs its own experts on their rows of the
+    dispatch order, and `ep_combine` brings the rows of all ranks together (docs/expert-parallel.md)."""
+
+    def __init__(self, ops: OpTable, config: ModelConfig, layer_id: int, group: ExpertGroup | None = None):
         super().__init__()
-        self.ops, self.config = ops, config
+        self.ops, self.config, self.group = ops, config, group
         self.gate = Gate(config, layer_id)
-        self.experts = Experts(config)
+        self.own = group.experts(config.n_routed_experts) if group else range(config.n_routed_experts)
+        self.experts = Experts(config, len(self.own))
         self.shared_experts = SharedExpert(ops, config)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -346,26 +352,33 @@ class MoE(nn.Module):
         hashed = self.gate.tid2eid[token_ids.reshape(-1)] if self.gate.tid2eid is not None else None
         weights, experts = ops.moe_gate(x, self.gate.weight, self.gate.bias, hashed, k, c.route_scale)
         order, counts = ops.moe_dispatch(experts, c.n_routed_experts)
-        rows = x[order // k]
-        route_weight = weights.reshape(-1)[order]
-        e = self.experts
+        if self.group is None:
+            out = self._routed(x[order // k], counts, weights.reshape(-1)[order])
+            return ops.moe_combine(out, order, k, self.shared_experts(x)).view(shape)
+        mine = order[self.group.own_rows(counts)]
+        out = self._routed(x[mine // k], counts[self.own.start:self.own.stop], weights.reshape(-1)[mine])
+        return ops.ep_combine(out, order, counts, k, self.shared_experts(x), self.group).view(shape)
+
+    def _routed(self, rows: torch.Tensor, counts: torch.Tensor, route_weight: torch.Tensor) -> torch.Tensor:
+        """The experts of this process on their rows (sorted by expert, counts[e] each)."""
+        ops, e = self.ops, self.experts
         h = ops.swiglu(ops.grouped_quant_linear(rows, counts, e.w1.weight, e.w1.scale),
-                       ops.grouped_quant_linear(rows, counts, e.w3.weight, e.w3.scale), c.swiglu_limit, route_weight)
-        out = ops.grouped_quant_linear(h, counts, e.w2.weight, e.w2.scale)
-        return ops.moe_combine(out, order, k, self.shared_experts(x)).view(shape)
+                       ops.grouped_quant_linear(rows, counts, e.w3.weight, e.w3.scale), self.config.swiglu_limit,
+                       route_weight)
+        return ops.grouped_quant_linear(h, counts, e.w2.weight, e.w2.scale)
 
 
 # -- mHC block -----------------------------------------------------------------------------------------------------
 class Block(nn.Module):
     """One layer: attention and MoE, each wrapped by mHC pre (collapse the streams) and post (expand and mix)."""
 
-    def __init__(self, ops: OpTable, config: ModelConfig, layer_id: int):
+    def __init__(self, ops: OpTable, config: ModelConfig, layer_id: int, group: ExpertGroup | None = None):
         super().__init__()
         self.ops, self.config, self.layer_id = ops, config, layer_id
         self.attn_norm = RMSNorm(ops, config.dim, config.norm_eps)
         self.attn = Attention(ops, config, layer_id)
         self.ffn_norm = RMSNorm(ops, config.dim, config.norm_eps)
-        self.ffn = MoE(ops, config, layer_id)
+        self.ffn = MoE(ops, config, layer_id, group)
         for part in ("attn", "ffn"):   # mHC parameters around each sublayer, flat names as in the checkpoint
             setattr(self, f"hc_{part}_fn", _param(config.hc_mix_dim, config.hc_mult * config.dim, dtype=torch.float32))
             setattr(self, f"hc_{part}_base", _param(config.hc_mix_dim, dtype=torch.float32))
@@ -404,8 +417,8 @@ class MTPBlock(Block, StreamHead):
     A full block (window-only attention, score-routed MoE) plus e_proj/h_proj/enorm/hnorm and its own stream head;
     the embedding and the output head are shared with the main model."""
 
-    def __init__(self, ops: OpTable, config: ModelConfig, layer_id: int):
-        super().__init__(ops, config, layer_id)
+    def __init__(self, ops: OpTable, config: ModelConfig, layer_id: int, group: ExpertGroup | None = None):
+        super().__init__(ops, config, layer_id, group)
         self.e_proj = Linear(ops, config.dim, config.dim, config.dtype)
         self.h_proj = Linear(ops, config.dim, config.dim, config.dtype)
         self.enorm = RMSNorm(ops, config.dim, config.norm_eps)
@@ -420,13 +433,16 @@ class MTPBlock(Block, StreamHead):
 
 # -- the transformer -----------------------------------------------------------------------------------------------
 class Transformer(StreamHead):
-    def __init__(self, config: ModelConfig, ops: OpTable):
+    """The whole model; with an expert-parallel `group`, this process holds only its share of the routed experts."""
+
+    def __init__(self, config: ModelConfig, ops: OpTable, group: ExpertGroup | None = None):
         super().__init__()
         self.config, self.ops = config, ops
         self.embed = nn.Module()
         self.embed.weight = _param(config.vocab_size, config.dim, dtype=torch.bfloat16)
-        self.layers = nn.ModuleList(Block(ops, config, i) for i in range(config.n_layers))
-        self.mtp = nn.ModuleList(MTPBlock(ops, config, config.n_layers + i) for i in range(config.n_mtp_layers))
+        self.layers = nn.ModuleList(Block(ops, config, i, group) for i in range(config.n_layers))
+        self.mtp = nn.ModuleList(MTPBlock(ops, config, config.n_layers + i, group)
+                                 for i in range(config.n_mtp_layers))
         self.add_stream_head(ops, config)
         self.head = nn.Module()
         self.head.weight = _param(config.vocab_size, config.dim, dtype=torch.float32)

@@ -13,6 +13,7 @@ because every output element has its own accumulation.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from dsv4.backends.canonical.primitives import (
     topk_lower_index,
 )
 from dsv4.backends.contracts import ATTENTION_CHUNK, FP4_BLOCK, FP8_BLOCK
+
+if TYPE_CHECKING:
+    from dsv4.parallel import ExpertGroup
 
 
 def _count(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -311,6 +315,14 @@ def moe_combine(expert_out: torch.Tensor, order: torch.Tensor, k: int, shared: t
     for slot in range(1, k):
         y = y + rows[:, slot]
     return (y + shared.float()).to(torch.bfloat16)
+
+
+def ep_combine(local_out: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, k: int, shared: torch.Tensor,
+               group: ExpertGroup | None) -> torch.Tensor:
+    """moe_combine over every rank's expert rows: the rows are all-gathered (data movement only), then summed here in
+    slot order; `group` None is one process holding every row."""
+    expert_out = local_out if group is None else group.gather_rows(local_out, counts)
+    return moe_combine(expert_out, order, k, shared)
 
 
 # -- sampling -----------------------------------------------------------------------------------------------------
