@@ -141,3 +141,35 @@ def test_grouped_quant_linear_is_the_canonical_bits_with_idle_experts():
 def test_quant_linear_rejects_an_unquantised_weight():
     with pytest.raises(ValueError, match="neither float8_e4m3fn nor packed-fp4"):
         exact_gemm.quant_linear(torch.zeros(1, 128).bfloat16(), torch.zeros(4, 128), torch.ones(1, 1))
+
+
+# -- the whole model ----------------------------------------------------------------------------------------------
+def test_npu_integer_kernels_give_the_cpu_reference_logits_on_the_tiny_model(tiny_dir, monkeypatch):
+    """The npu backend's registered integer kernels (quantised GEMMs, fake_quant) in the tiny model on CPU, the cube's
+    int8 x int8 -> int32 product replaced by an integer matmul: prefill logits bit for bit those of the cpu backend."""
+    import sys
+    import types
+
+    from dsv4.api import load
+    from dsv4.backends.levels import Level
+    from dsv4.backends.npu import mapping
+    from dsv4.backends.registry import Backend, Registry, add_canonical_kernels
+
+    cube = types.ModuleType("torch_npu")
+    cube.npu_quant_matmul = lambda x1, x2, scale, output_dtype: torch.bmm(x1.int(), x2.int())
+    monkeypatch.setitem(sys.modules, "torch_npu", cube)
+    registry = Registry().discover()
+    backend = registry.add_backend(Backend(name="npu-integer-on-cpu", device_types=("cpu",)))
+    integer = [e for e in mapping.entries_for(None, triton=False) if e.kind == mapping.INTEGER]
+    assert {e.op for e in integer} == {"quant_linear", "grouped_quant_linear", "fake_quant"}
+    for entry in integer:
+        backend.add(entry.op, entry.load(), entry.level, entry.kernel)
+    add_canonical_kernels(backend)
+    prompt = [256, *b"def add(a, b):\n    return a + b\n"]
+    logits = {}
+    for name in ("cpu", "npu-integer-on-cpu"):
+        pipe = load(tiny_dir, determinism=Level.EXACT, backend=name, registry=registry)
+        assert {op: k.name for op, k in pipe.model.ops.kernels.items() if k.name != "canonical"} == (
+            {} if name == "cpu" else {e.op: e.kernel for e in integer})
+        logits[name] = pipe.engine().prefill(prompt, 0, all_logits=True)[0]
+    assert same_bits(logits["npu-integer-on-cpu"], logits["cpu"])
