@@ -14,7 +14,7 @@ matrix multiply; Ascend has no fp64, so here they come from integers:
   no device conversion is trusted; the power-of-two factor back is exact.
 
 From there the scaling and the block accumulation are the canonical fp32 operations in the canonical order, so the
-result is the canonical `quant_linear`'s bits (`tests/test_ascend_exact_gemm.py` checks that bit for bit on CPU).
+result is the canonical `quant_linear`'s bits (`tests/test_ascend_exact.py` checks that bit for bit on CPU).
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def fp4_weight_int(packed: torch.Tensor) -> torch.Tensor:
 
 
 def digits(v: torch.Tensor, count: int) -> torch.Tensor:
-    """int32 [...] -> int8 [count, ...] with v = sum_i d_i * 2^(7 i): low digits in [0, 127], the top one signed.
-    `count` digits hold |v| < 2^(7 count - 1)."""
+    """int32 [...] -> int8 [count, ...] with v = sum_i d_i * 2^(7 i): low digits in [0, 127], the top one signed,
+    so `count` digits hold -2^(7 count) <= v < 2^(7 count)."""
     out = [(v >> (DIGIT_BITS * i)) & 127 for i in range(count - 1)] + [v >> (DIGIT_BITS * (count - 1))]
     return torch.stack(out).to(torch.int8)
 

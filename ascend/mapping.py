@@ -45,7 +45,7 @@ _NPU = "dsv4.backends.npu"
 ENTRIES: list[Entry] = [
     Entry("rms_norm", "npu_rms_norm", f"{_NPU}.fused:rms_norm", "torch_npu.npu_rms_norm", TORCH_NPU, Level.FAST,
           (A2, A3), "x and gamma in fp32 (gamma = ones when unweighted), one cast after; eps passed as epsilon",
-          f"{OP_PLUGIN_DOCS} npu_rms_norm (A2/A3); vllm-ascend batch_invariant.py"),
+          "hiascend torch_npu API reference, npu_rms_norm (A2/A3 listed); vllm-ascend batch_invariant.py"),
     Entry("rope", "npu_rotary_mul", f"{_NPU}.fused:rope", 'torch_npu.npu_rotary_mul(rotary_mode="interleave")',
           TORCH_NPU, Level.FAST, (A2, A3),
           "fp32 BSND view [1, S, N, 2r] with N < 1000, cos/sin repeated per pair as [1, S, 1, 2r], -sin for the "
@@ -79,7 +79,8 @@ ENTRIES: list[Entry] = [
           "xLLM-AI/xllm#1427 (Float8_e4m3fn has not been supported)"),
     Entry("swiglu", "npu_swiglu", f"{_NPU}.fused:swiglu", "torch_npu.npu_swiglu", TORCH_NPU, Level.FAST, (A2, A3),
           "clamps (gate above, up both sides) applied before, fp32 in and out, route weight after, one cast",
-          "hiascend torch_npu npu_swiglu (A2); vllm-ascend moe_mlp.py; MindSpeed-LLM fused_swiglu_with_limit"),
+          "hiascend torch_npu API reference, npu_swiglu (A2 listed); vllm-ascend ops/fused_moe/moe_mlp.py; "
+          "MindSpeed-LLM fused_swiglu_with_limit"),
     Entry("compress_pool", "triton_compress_pool", "dsv4.kernels.ascend.compress_pool:compress_pool",
           "Triton-Ascend kernel kernels/ascend/compress_pool.py", TRITON, Level.BATCH_INVARIANT, CHIPS,
           "only when triton-ascend is importable with an NPU target; one program per (row, channel block), the "
