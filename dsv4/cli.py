@@ -272,5 +272,43 @@ def bench() -> None:
     """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""
 
 
+@bench.command("moe")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu.")
+@click.option("--preset", "preset_name", default="v4-flash", show_default=True,
+              help="Take dim, routed experts and top-k from this preset.")
+@click.option("--tokens", default="16,128,512", show_default=True, help="Comma-separated tokens per step.")
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows here.")
+@parallel_options
+@friendly_errors
+def bench_moe(device, preset_name, tokens, iters, json_out, nproc, dist_timeout):
+    """Expert-parallel dispatch and combine against the raw all-gather and all-reduce on the same sizes.
+
+    Needs several ranks: --nproc N, or a torchrun launch."""
+    import json
+
+    from dsv4.benchmarks import moe
+    from dsv4.config import preset
+    from dsv4.parallel import join
+
+    try:
+        counts = tuple(int(t) for t in tokens.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise DSV4Error(f"--tokens must be comma-separated positive integers, got {tokens!r}")
+    if ranks_launched(nproc, lambda: preset(preset_name).n_routed_experts):
+        return
+    settings = {"device": device, "preset": preset_name, "tokens": counts, "iters": iters}
+    with join(device.split(":")[0], settings, dist_timeout) as group, rank_zero_speaks(group):
+        if group is None:
+            raise DSV4Error("dsv4 bench moe measures collectives: run it as several ranks (--nproc N or torchrun)")
+        result = moe.run(group, group.place(device), preset_name, counts, iters)
+        click.echo(moe.table(result))
+        if json_out and group.rank == 0:
+            with open(json_out, "w") as f:
+                json.dump(result, f, indent=1)
+
+
 if __name__ == "__main__":
     main()

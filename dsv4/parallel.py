@@ -108,7 +108,7 @@ def join(device_type: str, settings: dict, timeout: float) -> Iterator[ExpertGro
         raise DSV4Error(f"no process-group backend for device type {device_type!r}; expert parallelism runs on "
                         f"{', '.join(PROCESS_GROUP_BACKENDS)}")
     store = _connect(address, port, rank, timeout)
-    _agree(store, rank, size, {"world_size": size, **settings}, timeout)
+    _agree(store, rank, size, json.loads(json.dumps({"world_size": size, **settings})), timeout)
     try:
         dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type], store=dist.PrefixStore("dsv4/pg", store),
                                 rank=rank, world_size=size, timeout=timedelta(seconds=timeout))
