@@ -39,15 +39,20 @@ def layer_shapes(name: str) -> list[tuple[str, int, int, str]]:
             ("expert_w1", c.moe_inter_dim, c.dim, "fp4"), ("expert_w2", c.dim, c.moe_inter_dim, "fp4")]
 
 
-def time_us(fn, warmup: int = 3, iters: int = 20) -> float:
-    """Median of CUDA-event timings (microseconds)."""
-    for _ in range(warmup):
+def time_us(fn, iters: int = 20) -> float:
+    """GPU time of one call in microseconds: the call is captured in a CUDA graph (so host-side launch overhead is
+    excluded, as in a decode loop under graphs) and the median of `iters` timed replays is taken."""
+    fn()                                                     # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
+    graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(); fn(); end.record()
+        start.record(); graph.replay(); end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return sorted(times)[len(times) // 2]

@@ -21,7 +21,11 @@ from dsv4.formats import quantize_weight_fp8, quantize_weight_fp4
 device = "{device}"
 torch.manual_seed(0)
 for m, n, k in [(1, 96, 256), (5, 130, 384), (19, 64, 128)]:
-    x = (torch.randn(m, k) * 2).bfloat16()
+    x = torch.randn(m, k) * 2
+    x[:, 128:256] *= 1e-6                         # a block below the amax floor: e4m3 subnormals
+    x[0, :64] = 0.0                               # zeros and exact ties of the e4m3 grid
+    x[-1, 1:5] = torch.tensor([1.0625, -1.0625, 0.0048828125, 448.0])
+    x = x.bfloat16()
     for make in (quantize_weight_fp8, quantize_weight_fp4):
         w, s = make(torch.randn(n, k) * k ** -0.5)
         ref = C.quant_linear(x, w, s)
