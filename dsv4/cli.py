@@ -267,6 +267,47 @@ def golden(presets):
 
 
 # -- benchmarks: `dsv4 bench <what>`; each benchmark is a subcommand of this group ------------------------------------
+@main.command("eval")
+@click.option("--model", type=click.Path(), default=None, help="Checkpoint directory (default: the embedded model).")
+@click.option("--preset", default=None, help="Score a preset's randomly initialised checkpoint instead.")
+@click.option("--backend", default=None, help="Backend by name (e.g. a vendor plugin) instead of the device's own.")
+@backend_options
+@click.option("--segments", "max_segments", type=int, default=128, show_default=True,
+              help="Score this many evenly spaced 512-token segments (0: all of them).")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Score these text files instead of the held-out standard-library files; repeatable.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Segments per forward step.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@friendly_errors
+def evaluate(model, preset, backend, device, determinism, ops_config, op_overrides, max_segments, files, batch, quiet):
+    """Perplexity on the held-out Python standard-library files, which the default model never saw in training.
+
+    Prints the perplexity, the float64 NLL sum and a digest of the scored logits: backends that agree bit for bit
+    (the `exact` level) print the same line."""
+    import platform
+    from pathlib import Path
+
+    from dsv4 import evaluation
+    from dsv4.api import load
+    from dsv4.backends.registry import collect_overrides
+
+    progress = Progress(enabled=not quiet)
+    pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config), backend=backend,
+                progress=progress.loading)
+    paths = [Path(f) for f in files] or evaluation.split(evaluation.stdlib_files())[1]
+    segs = evaluation.segments([pipe.tokenizer.encode(evaluation.read_source(p)) for p in paths],
+                               pipe.config.bos_token_id)
+    chosen = evaluation.evenly_spaced(segs, max_segments)
+    result = evaluation.perplexity(pipe.model, chosen, pipe.device, batch,
+                                   progress=lambda done, total: progress("eval", done, total))
+    source = (f"{len(paths)} file(s)" if files else
+              f"{len(paths)} held-out standard-library files of Python {platform.python_version()}")
+    click.echo(f"perplexity {result.value:.4f} ({result.bits_per_token:.4f} bits/token) over {result.tokens} tokens: "
+               f"{len(chosen)} of {len(segs)} segments of {source}")
+    click.echo(f"nll_sum {result.nll_sum!r} logits-sha256 {result.digest} "
+               f"[{pipe.model.ops.backend}/{device}, {determinism}]")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""
