@@ -262,16 +262,15 @@ class Mirror:
         return (chosen & visible).unsqueeze(1)
 
     # MoE -------------------------------------------------------------------------------------------------------
-    def swiglu(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-               route_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def swiglu(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+        """The shared expert: SwiGLU with the gate clamped above and the up projection both ways."""
         limit = self.c.swiglu_limit
         g, u = lin(x, w1).float().clamp(max=limit), lin(x, w3).float().clamp(-limit, limit)
-        h = F.silu(g) * u
-        if route_weight is not None:
-            h = h * route_weight.unsqueeze(-1)
-        return lin(h.to(BF16), w2)
+        return lin((F.silu(g) * u).to(BF16), w2)
 
     def moe(self, x: torch.Tensor, token_ids: torch.Tensor, p: str, layer_id: int) -> torch.Tensor:
+        """Shared expert plus the routed experts, computed densely: every expert on every token, weighted by its
+        routing weight (0 where not chosen), which equals the sparse sum without a host sync per layer."""
         c, P = self.c, self.P
         k, E = c.n_activated_experts, c.n_routed_experts
         flat = x.reshape(-1, c.dim)
@@ -283,15 +282,15 @@ class Mirror:
             self.loads[p] = torch.bincount(experts.flatten(), minlength=E)
         weights = affinity.gather(1, experts)
         weights = weights / weights.sum(-1, keepdim=True) * c.route_scale
-        order = experts.flatten().argsort(stable=True)
-        counts = torch.bincount(experts.flatten(), minlength=E).tolist()
-        rows, route_weight = flat[order // k], weights.flatten()[order]
-        outs = [self.swiglu(r, P[f"{p}experts.{e}.w1.weight"], P[f"{p}experts.{e}.w2.weight"],
-                            P[f"{p}experts.{e}.w3.weight"], w)
-                for e, (r, w) in enumerate(zip(rows.split(counts), route_weight.split(counts)))]
-        routed = torch.zeros(flat.shape, device=x.device).index_add(0, order // k, torch.cat(outs).float())
+        route = torch.zeros_like(affinity).scatter_add(1, experts, weights)         # [tokens, E]
+        w1, w2, w3 = (torch.stack([P[f"{p}experts.{e}.{w}.weight"] for e in range(E)]).to(BF16)
+                      for w in ("w1", "w2", "w3"))
+        limit, xb = c.swiglu_limit, flat.to(BF16)
+        g = torch.einsum("nd,efd->nef", xb, w1).float().clamp(max=limit)
+        u = torch.einsum("nd,efd->nef", xb, w3).float().clamp(-limit, limit)
+        routed = torch.einsum("nef,edf->nd", (F.silu(g) * u * route.unsqueeze(-1)).to(BF16), w2)
         shared = self.swiglu(flat, *(P[f"{p}shared_experts.{w}.weight"] for w in ("w1", "w2", "w3")))
-        return (routed + shared.float()).to(BF16).view(x.shape)
+        return (routed.float() + shared.float()).to(BF16).view(x.shape)
 
     # blocks and the model ---------------------------------------------------------------------------------------
     def block(self, h: torch.Tensor, token_ids: torch.Tensor, p: str, layer_id: int) -> torch.Tensor:
