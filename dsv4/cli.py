@@ -6,12 +6,16 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import click
 
 from dsv4.backends.levels import LEVEL_NAMES
 from dsv4.errors import DSV4Error
+
+if TYPE_CHECKING:
+    from dsv4.parallel import ExpertGroup
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 
@@ -81,9 +85,10 @@ def parallel_options(fn):
     return fn
 
 
-def ranks_launched(nproc: int, n_experts) -> bool:
+def ranks_launched(nproc: int, n_experts: Callable[[], int]) -> bool:
     """Start `nproc` ranks of this command line when asked to and not already one of them; True once they all
     succeeded (the caller is done). `n_experts()` lets a bad split fail before any process starts."""
+    from dsv4.launch import launch
     from dsv4.parallel import expert_range, launch_environment
 
     launched = launch_environment()
@@ -93,15 +98,13 @@ def ranks_launched(nproc: int, n_experts) -> bool:
         return False
     if nproc == 1:
         return False
-    from dsv4.launch import launch
-
     expert_range(n_experts(), 0, nproc)
     launch(nproc, sys.argv[1:])
     return True
 
 
 @contextlib.contextmanager
-def rank_zero_speaks(group) -> Iterator[None]:
+def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
     """Only rank 0 prints and streams; other ranks run silently (their errors still reach stderr)."""
     if group is None or group.rank == 0:
         yield
@@ -148,7 +151,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
         device = group.place(device) if group else device
         pipe = load(model, preset, device, determinism, overrides, progress=progress.loading, group=group)
         config = pipe.config
-        # A request's sampling key is its prompt's content: a prompt samples the same tokens wherever it sits in a batch.
+        # A request's sampling key is its prompt's content: the same tokens wherever it sits in a batch.
         requests = [Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids))
                     for ids in ([config.bos_token_id] + pipe.tokenizer.encode(p) for p in prompts)]
         engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk)
