@@ -48,13 +48,22 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            code = 0
         except DSV4Error as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            code = 2
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            code = 130
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            # A launched rank ends here, skipping interpreter teardown: gloo's threads can abort the process while
+            # C++ objects are destroyed at exit ("terminate called without an active exception") after a clean run.
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+        if code:
+            sys.exit(code)
+        return result
     return wrapper
 
 

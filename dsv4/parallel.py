@@ -119,6 +119,7 @@ def join(device_type: str, settings: dict, timeout: float) -> Iterator[ExpertGro
         yield ExpertGroup(rank, size, local_rank, dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+        _leave(store, rank, size, timeout)
 
 
 def launch_environment() -> tuple[int, int, int, str, int] | None:
@@ -151,6 +152,16 @@ def _connect(address: str, port: int, rank: int, timeout: float) -> dist.Store:
     except RuntimeError as e:
         raise DSV4Error(f"rank {rank} could not {'host' if host else 'reach'} the rendezvous at {address}:{port}: "
                         f"{_first_line(e)}") from None
+
+
+def _leave(store: dist.Store, rank: int, size: int, timeout: float) -> None:
+    """Rank 0 may host the store: it waits until every rank has torn its process group down, since a rank still
+    tearing down when the store disappears aborts ("terminate called without an active exception")."""
+    left = store.add(f"{_KEYS}left", 1)
+    deadline = time.monotonic() + timeout
+    while rank == 0 and left < size and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = store.add(f"{_KEYS}left", 0)
 
 
 def _agree(store: dist.Store, rank: int, size: int, claim: dict, timeout: float) -> None:

@@ -170,6 +170,7 @@ def test_fast_generation_agrees_with_the_single_process_reference_within_toleran
 
 
 EP_COMBINE_SCRIPT = """
+import os
 import torch
 from dsv4.backends.canonical import ops
 from dsv4.backends.expert_parallel import ep_combine_all_reduce
@@ -192,7 +193,8 @@ with join("cpu", {}, 30) as group:
         assert torch.equal(exact.view(torch.int16), want.view(torch.int16)), "exact differs"
         err = ((fast.float() - want.float()).abs() / (want.float().abs() + 1e-2)).max().item()
         assert err <= 2 ** -7, f"fast differs by {err}"
-print("ok")
+print("ok", flush=True)
+os._exit(0)   # as launched ranks do (dsv4.cli): skip the interpreter teardown that gloo's threads can abort
 """
 
 
