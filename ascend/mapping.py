@@ -81,15 +81,15 @@ ENTRIES: list[Entry] = [
           "clamps (gate above, up both sides) applied before, fp32 in and out, route weight after, one cast",
           "hiascend torch_npu API reference, npu_swiglu (A2 listed); vllm-ascend ops/fused_moe/moe_mlp.py; "
           "MindSpeed-LLM fused_swiglu_with_limit"),
-    Entry("compress_pool", "triton_compress_pool", "dsv4.kernels.ascend.compress_pool:compress_pool",
-          "Triton-Ascend kernel kernels/ascend/compress_pool.py", TRITON, Level.BATCH_INVARIANT, CHIPS,
+    Entry("compress_pool", "triton_compress_pool", "dsv4.kernels.compress_pool:compress_pool",
+          "Triton-Ascend kernel kernels/compress_pool.py", TRITON, Level.BATCH_INVARIANT, CHIPS,
           "only when triton-ascend is importable with an NPU target; one program per (row, channel block), the "
-          "softmax over R inside it", "kernels/ascend/compress_pool.py"),
-    Entry("mhc_pre", "triton_mhc_pre", "dsv4.kernels.ascend.mhc_pre:mhc_pre",
-          "Triton-Ascend kernel kernels/ascend/mhc_pre.py", TRITON, Level.FAST, CHIPS,
+          "softmax over R inside it", "kernels/compress_pool.py"),
+    Entry("mhc_pre", "triton_mhc_pre", "dsv4.kernels.mhc_pre:mhc_pre",
+          "Triton-Ascend kernel kernels/mhc_pre.py", TRITON, Level.FAST, CHIPS,
           "only when triton-ascend is importable with an NPU target; one program per token: mixes, Sinkhorn, "
           "collapse; y can differ from the reference by one bf16 ulp (see docs/ascend.md)",
-          "kernels/ascend/mhc_pre.py"),
+          "kernels/mhc_pre.py"),
 ]
 
 NO_OPERATOR: dict[str, str] = {

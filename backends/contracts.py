@@ -110,7 +110,7 @@ CONTRACTS: dict[str, OpContract] = {c.name: c for c in [
         "mHC pre-mapping: m = (flat(x) @ fn.T) / rms(flat(x)); pre = sigmoid(m[:hc]*scale0 + base) + hc_eps; "
         "post = 2*sigmoid(m[hc:2hc]*scale1 + base); comb = softmax_rows(m[2hc:]*scale2 + base) + hc_eps, then one "
         "column normalisation, then (iters-1) rounds of (row, column), each dividing by (sum + hc_eps); "
-        "y = sum_j pre_j x_j.", **_FP32),
+        "y = sum_j pre_j x_j. Tolerance: bf16's, since y is bf16.", **_BF16),
     OpContract(
         "mhc_post",
         "mhc_post(f[b, s, d] bf16, x[b, s, hc, d] bf16, post[b, s, hc] fp32, comb[b, s, hc, hc] fp32) "

@@ -32,8 +32,14 @@ def register(registry: Registry) -> None:
     if importlib.util.find_spec("triton") is not None:
         from dsv4.kernels import quant_gemm
 
+        from dsv4.kernels.compress_pool import compress_pool
+        from dsv4.kernels.mhc_pre import mhc_pre
+
         for kind, level in (("fast", Level.FAST), ("invariant", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
             backend.add("quant_linear", quant_gemm.quant_linear(kind), level, f"triton_{kind}")
             backend.add("grouped_quant_linear", quant_gemm.grouped_quant_linear(kind), level, f"triton_{kind}")
+        # written once in kernels/ for this backend and Triton-Ascend alike
+        backend.add("compress_pool", compress_pool, Level.BATCH_INVARIANT, "triton")
+        backend.add("mhc_pre", mhc_pre, Level.FAST, "triton")
     add_expert_parallel_kernels(backend)
     add_canonical_kernels(backend)

@@ -1,4 +1,4 @@
-"""The Triton-Ascend kernels (kernels/ascend/) under Triton's CPU interpreter, against the canonical composite.
+"""The Triton-Ascend kernels (kernels/) under Triton's CPU interpreter, against the canonical composite.
 
 The interpreter must be chosen before triton is first imported (triton.language's own jit functions are built then),
 and other tests import triton early, so the kernels run in one child process started with TRITON_INTERPRET=1; this
@@ -30,8 +30,8 @@ def measure() -> dict:
     """Run in the child: each kernel against the canonical op, and one row alone against the same row in a batch."""
     from dsv4.backends import contracts
     from dsv4.backends.canonical import ops as canonical
-    from dsv4.kernels.ascend.compress_pool import compress_pool
-    from dsv4.kernels.ascend.mhc_pre import mhc_pre
+    from dsv4.kernels.compress_pool import compress_pool
+    from dsv4.kernels.mhc_pre import mhc_pre
 
     def excess(op, out, ref):   # > 0 where |out - ref| exceeds the contract's tolerance
         c = contracts.CONTRACTS[op]

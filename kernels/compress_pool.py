@@ -1,5 +1,5 @@
-"""compress_pool as one Triton-Ascend kernel: per channel, the softmax of the scores over the R rows and the
-weighted sum of kv, one program per (compressed entry, block of channels).
+"""compress_pool as one Triton kernel, shared by the CUDA and npu (Triton-Ascend) backends: per channel, the softmax
+of the scores over the R rows and the weighted sum of kv, one program per (compressed entry, block of channels).
 
 A program holds all R rows of its channels, so the reduction over R never leaves it: its order depends on R and the
 tile shape only, never on how many entries the call carries (batch-invariant by construction). Tiles hold at most

@@ -1,6 +1,6 @@
-"""mhc_pre as one Triton-Ascend kernel, one program per token: the mixes (flat(x) @ fn.T over K = hc*d, scaled by
-the token's rsqrt(mean square)), the pre and post gates, the Sinkhorn normalisation of the hc x hc comb, and the
-collapse y = sum_j pre_j x_j.
+"""mhc_pre as one Triton kernel (CUDA and Triton-Ascend), one program per token: the mixes (flat(x) @ fn.T over
+K = hc*d, scaled by the token's rsqrt(mean square)), the pre and post gates, the Sinkhorn normalisation of the
+hc x hc comb, and the collapse y = sum_j pre_j x_j.
 
 Everything a token needs stays in its program, so its bits do not depend on the other tokens of the call
 (batch-invariant by construction). The fn rows are read in three tiles (pre, post, comb) of BLOCK_K columns; the
