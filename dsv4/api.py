@@ -23,7 +23,7 @@ from dsv4.model import Transformer
 from dsv4.parallel import ExpertGroup
 from dsv4.tokenizer import Tokenizer
 
-DEFAULT_PRESET = "tiny"
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"   # trained by tools/train_default.py (docs/model-card.md)
 
 
 def cache_dir() -> Path:
@@ -47,8 +47,9 @@ def preset_checkpoint(name: str, seed: int = 0) -> Path:
 
 def checkpoint_config(model: str | Path | None = None, preset: str | None = None) -> ModelConfig:
     """The config `load` would use, without reading or writing any weights."""
-    return ModelConfig.from_file(Path(model) / "config.json") if model is not None else preset_config(
-        preset or DEFAULT_PRESET)
+    if model is None and preset is not None:
+        return preset_config(preset)
+    return ModelConfig.from_file(Path(model if model is not None else DEFAULT_MODEL) / "config.json")
 
 
 def resolve_ops(device: str, determinism: Level | str = Level.FAST, overrides: dict[str, str] | None = None,
@@ -84,12 +85,12 @@ def load(model: str | Path | None = None, preset: str | None = None, device: str
          determinism: Level | str = Level.FAST, overrides: dict[str, str] | None = None,
          backend: str | None = None, registry: Registry | None = None, progress=None,
          group: ExpertGroup | None = None) -> Pipeline:
-    """Open a checkpoint directory (`model`) or a preset's random checkpoint; default: the embedded tiny model.
+    """Open a checkpoint directory (`model`) or a preset's random checkpoint; default: the embedded trained model.
     With an expert-parallel `group`, this process loads and runs only its share of the routed experts."""
     if model is not None and preset is not None:
         raise DSV4Error("give either a model directory or a preset, not both")
     ops = resolve_ops(device, determinism, overrides, registry, backend)
-    path = Path(model) if model is not None else preset_checkpoint(preset or DEFAULT_PRESET)
+    path = Path(model) if model is not None else preset_checkpoint(preset) if preset is not None else DEFAULT_MODEL
     torch_device = torch.device(device)
     shard = None if group is None else (group.rank, group.size)
     config, tensors, tokenizer = load_checkpoint(path, device=torch_device, progress=progress, expert_shard=shard)

@@ -17,7 +17,9 @@ from dsv4.errors import DSV4Error
 if TYPE_CHECKING:
     from dsv4.parallel import ExpertGroup
 
-DEFAULT_PROMPT = "def fibonacci(n):"
+# The start of a Python function, for the embedded default model (docs/model-card.md): with the docstring, greedy
+# decoding writes the body; after a bare `def ...:` line this small model greedily repeats indentation.
+DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
 class Progress:
