@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from dsv4.backends.canonical.ops import scale_and_accumulate
 from dsv4.backends.canonical.primitives import BUDGET
 from dsv4.backends.contracts import FP4_BLOCK, FP8_BLOCK
 from dsv4.backends.npu import e4m3
@@ -134,11 +135,8 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         for r0 in range(0, m, rows):
             exact = block_sums(xi[r0:r0 + rows], w, block, ACT_DIGITS, w_digits, int_bmm)
             sums = int64_to_float32(exact) * unit                                    # exact: a power of two
-            terms = (sums * x_scale[r0:r0 + rows, :, None]) * w_scale[c0:c0 + cols].T
-            acc = terms[:, 0]
-            for kb in range(1, nb):
-                acc = acc + terms[:, kb]
-            y[r0:r0 + rows, c0:c0 + cols] = acc.to(torch.bfloat16)
+            y[r0:r0 + rows, c0:c0 + cols] = scale_and_accumulate(sums, x_scale[r0:r0 + rows],
+                                                                  w_scale[c0:c0 + cols]).to(torch.bfloat16)
     return y.reshape(*lead, n)
 
 

@@ -126,12 +126,19 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
     for r0 in range(0, m, rows):
         for c0 in range(0, n, cols):
             sums = block_exact_matmul(xq[r0:r0 + rows], w[c0:c0 + cols], block)          # [rows, nb, cols]
-            terms = (sums * x_scale[r0:r0 + rows, :, None]) * w_scale[c0:c0 + cols].T
-            acc = terms[:, 0]
-            for kb in range(1, nb):
-                acc = acc + terms[:, kb]
-            y[r0:r0 + rows, c0:c0 + cols] = acc.to(torch.bfloat16)
+            y[r0:r0 + rows, c0:c0 + cols] = scale_and_accumulate(sums, x_scale[r0:r0 + rows],
+                                                                  w_scale[c0:c0 + cols]).to(torch.bfloat16)
     return y.reshape(*lead, n)
+
+
+def scale_and_accumulate(sums: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The quantised GEMM's canonical tail: exact block sums [M, nb, N] (already rounded to fp32) times the activation
+    scale [M, nb], times the weight scale [N, nb], accumulated over blocks in increasing order from block 0's term."""
+    terms = (sums * x_scale[:, :, None]) * w_scale.T
+    acc = terms[:, 0]
+    for kb in range(1, terms.shape[1]):
+        acc = acc + terms[:, kb]
+    return acc
 
 
 def grouped_quant_linear(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor,
