@@ -156,6 +156,18 @@ def test_exact_generation_has_the_single_process_bits_at_every_degree(tiny_dir, 
         assert torch.equal(bits(got[name]), bits(logits[name])), name
 
 
+
+def test_exact_generation_of_the_small_preset_has_the_single_process_bits_with_4_ranks(tmp_path):
+    """The small preset (16 experts, 8 layers) too: 4 ranks of 4 experts each reproduce one process bit for bit."""
+    args = ("run", "--preset", "small", "--determinism", "exact", "--max-new-tokens", "3", "--quiet",
+            "--prompt", "def f(x):")
+    one = dsv4(*args, "--logits-out", str(tmp_path / "one.safetensors"))
+    four = dsv4(*args, "--nproc", "4", "--logits-out", str(tmp_path / "four.safetensors"))
+    assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
+    assert one.stdout == four.stdout
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "four.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+
 def test_fast_generation_agrees_with_the_single_process_reference_within_tolerance(tiny_dir, single_process,
                                                                                     tmp_path):
     """`fast` resolves ep_combine to the all-reduce; the first generated token's logits (the prefill) must be within
