@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,10 +15,11 @@ import pytest
 
 import dsv4
 from dsv4.api import DEFAULT_MODEL
-from dsv4.checkpoint import load_checkpoint, official_layout
+from dsv4.checkpoint import E4M3, load_checkpoint, official_layout
 from dsv4.cli import DEFAULT_PROMPT
 from dsv4.config import preset
 from dsv4.evaluation import perplexity, read_source, segments
+from dsv4.formats import dequantize_fp4_weight, dequantize_fp8_weight
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "vendor-backend"
@@ -51,6 +54,37 @@ def test_held_out_slice_perplexity_is_the_cards_and_close_to_the_trained_bf16_mo
     summary = json.loads((REPO / "tools" / "default-run" / "summary.json").read_text())
     assert result.value < 1.10 * summary["mirror_slice"]["ppl"]       # FP4/FP8 export within 10% of BF16
     assert result.value < 256 / 20                                     # far below a uniform guess over bytes
+
+
+def _dequantised_official_weights(config, tensors) -> dict:
+    """The loaded checkpoint back under official names with linears as fp32 [out, in]: what the mirror trains."""
+    weights = {}
+    for name, spec in official_layout(config).items():
+        expert = re.match(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$", name)
+        if name.endswith(".scale"):
+            continue
+        if expert:
+            stacked = f"{expert[1]}.{expert[3]}"
+            e = int(expert[2])
+            weights[name] = dequantize_fp4_weight(tensors[f"{stacked}.weight"][e], tensors[f"{stacked}.scale"][e])
+        elif spec.dtype == E4M3 and not name.endswith("wo_a.weight"):       # wo_a is bf16 once loaded
+            weights[name] = dequantize_fp8_weight(tensors[name], tensors[name.replace(".weight", ".scale")])
+        else:
+            weights[name] = tensors[name] if name.endswith("tid2eid") else tensors[name].float()
+    return weights
+
+
+def test_training_mirror_on_the_shipped_weights_computes_what_dsv4_computes(default):
+    """tools/train_default.py's differentiable mirror, given the exported (quantised) weights, scores the slice as
+    dsv4's inference model does, up to activation quantisation and rounding."""
+    spec = importlib.util.spec_from_file_location("train_default", REPO / "tools" / "train_default.py")
+    train_default = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_default)
+    config, tensors, _ = load_checkpoint(DEFAULT_MODEL)
+    mirror = train_default.Mirror(config, _dequantised_official_weights(config, tensors), default.device)
+    nll, count = train_default.mirror_nll(mirror, _slice_segments(default), batch=4)
+    assert count == 2044
+    assert abs(math.exp(nll / count) / CARD_SLICE_PPL - 1) < 0.005
 
 
 def test_exact_backends_give_the_same_perplexity_bits(tmp_path):
