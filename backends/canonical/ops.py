@@ -13,6 +13,7 @@ because every output element has its own accumulation.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +21,8 @@ import torch
 from dsv4 import formats
 from dsv4.backends.canonical.primitives import (
     BUDGET,
-    block_exact_matmul,
+    block_major,
+    block_sums,
     counter_uniform,
     exp,
     float_matmul,
@@ -105,30 +107,56 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
     product, rounded once to fp32, times the activation scale, times the weight scale; blocks accumulate in
     increasing order starting from block 0's term; one cast to bf16.
     """
+    return _quant_matmul(x, _weight_values(weight), weight.dtype, scale)
+
+
+def _quant_matmul(x: torch.Tensor, w: torch.Tensor, fmt: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+    """quant_linear on decoded, block-major weight values w [K/block, block, N] (fp64); `fmt`: the stored dtype."""
     *lead, k = x.shape
     xq, x_scale = formats.quantize_act_fp8(x.reshape(-1, k), FP8_BLOCK)
-    xq = xq.float()
-    if weight.dtype == torch.float8_e4m3fn:
-        n, block = weight.shape[0], FP8_BLOCK
-        w = weight.float()
+    xq = xq.double()
+    n = w.shape[-1]
+    if fmt == torch.float8_e4m3fn:
+        block = FP8_BLOCK
         w_scale = scale.float().repeat_interleave(FP8_BLOCK, dim=0)[:n]             # [N, K/128]
-    elif weight.dtype == torch.int8:
-        n, block = weight.shape[0], FP4_BLOCK
-        w = formats.unpack_fp4(weight)
+    else:
+        block = FP4_BLOCK
         w_scale = scale.float()                                                       # [N, K/32]
         x_scale = x_scale.repeat_interleave(FP8_BLOCK // FP4_BLOCK, dim=-1)          # [M, K/32]
-    else:
-        raise ValueError(f"quant_linear: weight dtype {weight.dtype} is neither float8_e4m3fn nor packed-fp4 int8")
     m, nb = xq.shape[0], k // block
     cols = min(n, max(1, BUDGET // nb))
     rows = max(1, BUDGET // (nb * cols))
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     for r0 in range(0, m, rows):
         for c0 in range(0, n, cols):
-            sums = block_exact_matmul(xq[r0:r0 + rows], w[c0:c0 + cols], block)          # [rows, nb, cols]
+            sums = block_sums(xq[r0:r0 + rows], w[..., c0:c0 + cols])                   # [rows, nb, cols]
             y[r0:r0 + rows, c0:c0 + cols] = scale_and_accumulate(sums, x_scale[r0:r0 + rows],
                                                                   w_scale[c0:c0 + cols]).to(torch.bfloat16)
     return y.reshape(*lead, n)
+
+
+# Decoded weights (fp64 values of e4m3/e2m1 codes) are kept per weight tensor, up to this many bytes in all: decoding
+# costs more than the GEMM itself at decode batch sizes. The values are the same either way.
+DECODED_WEIGHTS_BUDGET = 1 << 30
+_decoded: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}   # id(weight) -> (weight, its version, values)
+
+
+def _weight_values(weight: torch.Tensor) -> torch.Tensor:
+    """Block-major fp64 values [..., K/block, block, N] of a stored FP8 (e4m3) or packed FP4 (int8) weight, cached
+    while the weight is unchanged."""
+    cached = _decoded.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+        return cached[2]
+    if weight.dtype == torch.float8_e4m3fn:
+        values = block_major(weight, FP8_BLOCK)
+    elif weight.dtype == torch.int8:
+        values = block_major(formats.unpack_fp4(weight), FP4_BLOCK)
+    else:
+        raise ValueError(f"quant_linear: weight dtype {weight.dtype} is neither float8_e4m3fn nor packed-fp4 int8")
+    if sum(v.nbytes for _, _, v in _decoded.values()) + values.nbytes <= DECODED_WEIGHTS_BUDGET:
+        _decoded[id(weight)] = (weakref.ref(weight), weight._version, values)
+        weakref.finalize(weight, _decoded.pop, id(weight), None)
+    return values
 
 
 def scale_and_accumulate(sums: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -146,9 +174,10 @@ def grouped_quant_linear(x: torch.Tensor, counts: torch.Tensor, weight: torch.Te
     """Rows sorted by expert: the counts[e] rows of block e go through quant_linear with expert e's weight."""
     y = torch.empty(x.shape[0], weight.shape[1], dtype=torch.bfloat16, device=x.device)
     start = 0
+    values = _weight_values(weight)                                         # [E, K/block, block, N], decoded once
     for e, count in enumerate(counts.tolist()):
         if count:
-            y[start:start + count] = quant_linear(x[start:start + count], weight[e], scale[e])
+            y[start:start + count] = _quant_matmul(x[start:start + count], values[e], weight.dtype, scale[e])
         start += count
     return y
 

@@ -108,14 +108,23 @@ def float_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def block_exact_matmul(xq: torch.Tensor, wq: torch.Tensor, block: int) -> torch.Tensor:
     """[M, K] x [N, K] -> [M, K/block, N]: each K block's exact dot product, rounded once to fp32.
 
-    The operands are fp32 tensors holding e4m3 or e2m1 values: their products lie on a fixed binary grid and a
-    block's sum needs fewer than 53 bits, so fp64 matrix multiply is exact whatever order the device sums in.
+    The operands are tensors holding e4m3 or e2m1 values: their products lie on a fixed binary grid and a block's sum
+    needs fewer than 53 bits, so fp64 matrix multiply is exact whatever order the device sums in.
     """
-    m, k = xq.shape
-    n = wq.shape[0]
-    assert k % block == 0, f"K={k} is not a multiple of the block {block}"
-    xb = xq.double().reshape(m, k // block, block).transpose(0, 1)   # [nb, M, block]
-    wb = wq.double().reshape(n, k // block, block).permute(1, 2, 0)  # [nb, block, N]
+    assert xq.shape[1] % block == 0, f"K={xq.shape[1]} is not a multiple of the block {block}"
+    return block_sums(xq, block_major(wq, block))
+
+
+def block_major(wq: torch.Tensor, block: int) -> torch.Tensor:
+    """Weight values [..., N, K] -> fp64 [..., K/block, block, N], the layout `block_sums` multiplies with."""
+    *lead, n, k = wq.shape
+    return wq.double().reshape(*lead, n, k // block, block).movedim(-3, -1).contiguous()
+
+
+def block_sums(xq: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """[M, K] activations x block-major weights [K/block, block, N] -> exact block sums [M, K/block, N] in fp32."""
+    nb, block, _ = wb.shape
+    xb = xq.double().reshape(xq.shape[0], nb, block).transpose(0, 1)                 # [nb, M, block]
     return torch.bmm(xb, wb).float().transpose(0, 1)
 
 
