@@ -16,7 +16,7 @@ from typing import Callable
 
 from dsv4.backends.contracts import CONTRACTS
 from dsv4.backends.levels import Level
-from dsv4.backends.npu.device import A2, A3, A5, CHIP_NAMES, CHIPS
+from dsv4.backends.npu.device import A2, A3, CHIP_NAMES, CHIPS
 
 TORCH_NPU, TORCH, INTEGER, TRITON = "torch_npu", "torch", "integer", "triton-ascend"
 OP_PLUGIN_DOCS = "Ascend/op-plugin docs/context"

@@ -172,7 +172,7 @@ class OpCase:
 
 
 def _op_cases() -> list[OpCase]:
-    bf, f32 = torch.bfloat16, torch.float32
+    bf = torch.bfloat16
     w8, s8 = quantize_weight_fp8(uniform(11, (192, 256), -0.1, 0.1))
     w4, s4 = quantize_weight_fp4(uniform(12, (128, 256), -0.1, 0.1))
     ew4 = [quantize_weight_fp4(uniform(20 + e, (64, 256), -0.1, 0.1)) for e in range(4)]

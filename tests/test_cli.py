@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from dsv4.config import preset
 
 
 def dsv4(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
