@@ -254,10 +254,15 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
 def hca_attention(q: torch.Tensor, kv: torch.Tensor, window_idx: torch.Tensor, comp_offset: int,
                   n_comp: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
     """sparse_attention over window_idx followed by comp_offset + 0 .. n_comp-1, padded with -1."""
+    return sparse_attention(q, kv, hca_indices(window_idx, comp_offset, n_comp), sink, scale)
+
+
+def hca_indices(window_idx: torch.Tensor, comp_offset: int, n_comp: torch.Tensor) -> torch.Tensor:
+    """The HCA index list [b, s, W + max n_comp]: window_idx, then comp_offset + 0 .. n_comp-1, then -1."""
     width = int(n_comp.max()) if n_comp.numel() else 0
-    j = torch.arange(width, device=q.device)
+    j = torch.arange(width, device=window_idx.device)
     comp = torch.where(j < n_comp[..., None], comp_offset + j, -1)
-    return sparse_attention(q, kv, torch.cat((window_idx, comp), dim=-1), sink, scale)
+    return torch.cat((window_idx, comp), dim=-1)
 
 
 # -- mHC ----------------------------------------------------------------------------------------------------------

@@ -129,12 +129,12 @@ def block_sums(xq: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
 
 
 # -- transcendentals ----------------------------------------------------------------------------------------------
-_LOG2E = _f32(1.4426950408889634)
-_LN2_HI = 0.693145751953125            # 15 significant bits: n * _LN2_HI is exact for |n| <= 2^9
-_LN2_LO = _f32(math.log(2.0) - _LN2_HI)
-_EXP_POLY = [_f32(1.0 / math.factorial(i)) for i in range(7, -1, -1)]   # Taylor to r^7, highest first
-_EXP_HI = 89.0      # exp(89) overflows fp32: every larger x gives inf through the same arithmetic
-_EXP_LO = -104.0    # exp(-104) < 2^-150 rounds to +0: every smaller x gives +0 through the same arithmetic
+LOG2E = _f32(1.4426950408889634)
+LN2_HI = 0.693145751953125            # 15 significant bits: n * LN2_HI is exact for |n| <= 2^9
+LN2_LO = _f32(math.log(2.0) - LN2_HI)
+EXP_POLY = [_f32(1.0 / math.factorial(i)) for i in range(7, -1, -1)]   # Taylor to r^7, highest first
+EXP_HI = 89.0      # exp(89) overflows fp32: every larger x gives inf through the same arithmetic
+EXP_LO = -104.0    # exp(-104) < 2^-150 rounds to +0: every smaller x gives +0 through the same arithmetic
 
 
 def exp(x: torch.Tensor) -> torch.Tensor:
@@ -144,11 +144,11 @@ def exp(x: torch.Tensor) -> torch.Tensor:
     2^n applied as two exact power-of-two factors 2^(n//2) * 2^(n - n//2), so a subnormal result is rounded once.
     """
     x = x.float()
-    xc = torch.where(torch.isnan(x), 0.0, x).clamp(_EXP_LO, _EXP_HI)
-    n = torch.round(xc * _LOG2E)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    p = torch.full_like(r, _EXP_POLY[0])
-    for c in _EXP_POLY[1:]:
+    xc = torch.where(torch.isnan(x), 0.0, x).clamp(EXP_LO, EXP_HI)
+    n = torch.round(xc * LOG2E)
+    r = (xc - n * LN2_HI) - n * LN2_LO
+    p = torch.full_like(r, EXP_POLY[0])
+    for c in EXP_POLY[1:]:
         p = p * r + c
     ni = n.to(torch.int32)
     n1 = ni >> 1

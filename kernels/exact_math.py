@@ -1,0 +1,111 @@
+"""The exact contract's arithmetic as Triton device functions, shared by every exact kernel (CUDA and Triton-Ascend).
+
+Each function performs the same sequence of IEEE fp32 operations as its torch twin in
+`dsv4.backends.canonical.primitives`, so a kernel built from them gives the CPU reference's bits. Kernels that use
+them are compiled with `enable_fp_fusion=False` (no FMA contraction); division and square root are the correctly
+rounded `div_rn` / `sqrt_rn`, never Triton's default approximate ones. Rounding to an integer uses the 1.5 * 2^23
+trick and fp32 -> bf16 rounding works on the integer bits, so Triton's CPU interpreter gives the same bits as a GPU
+(the interpreter truncates on a plain bf16 cast).
+
+Lane sums (contracts.REDUCTION_LANES = 16): a kernel keeps 16 lane accumulators as the last dim of a tile, starts
+them at +0.0 and adds chunks of 16 elements in increasing order; `lane_tree` then halves the lanes pairwise.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dsv4.backends.canonical import primitives as P
+from dsv4.backends.contracts import REDUCTION_LANES
+
+assert REDUCTION_LANES == 16, "lane_tree below is written for 16 lanes"
+
+LOG2E = tl.constexpr(P.LOG2E)
+LN2_HI = tl.constexpr(P.LN2_HI)
+LN2_LO = tl.constexpr(P.LN2_LO)
+EXP_HI = tl.constexpr(P.EXP_HI)
+EXP_LO = tl.constexpr(P.EXP_LO)
+C7, C6, C5, C4, C3, C2, C1, C0 = (tl.constexpr(c) for c in P.EXP_POLY)   # Taylor coefficients, r^7 first
+ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
+
+
+@triton.jit
+def lane_tree(acc):
+    """[A, B, 16] lane accumulators -> [A, B]: lane i += lane i + 8, then + 4, + 2, + 1."""
+    A: tl.constexpr = acc.shape[0]
+    B: tl.constexpr = acc.shape[1]
+    lo, hi = tl.split(tl.permute(tl.reshape(acc, (A, B, 2, 8)), (0, 1, 3, 2)))
+    acc = lo + hi
+    lo, hi = tl.split(tl.permute(tl.reshape(acc, (A, B, 2, 4)), (0, 1, 3, 2)))
+    acc = lo + hi
+    lo, hi = tl.split(tl.permute(tl.reshape(acc, (A, B, 2, 2)), (0, 1, 3, 2)))
+    acc = lo + hi
+    lo, hi = tl.split(acc)
+    return lo + hi
+
+
+@triton.jit
+def lane_sum_rows4(x):
+    """[A, 64] -> [A]: the lane sum of 64 values (4 rows of 16 lanes) in contract order."""
+    A: tl.constexpr = x.shape[0]
+    by_row = tl.reshape(tl.permute(tl.reshape(x, (A, 4, 16)), (0, 2, 1)), (A, 16, 2, 2))
+    even, odd = tl.split(by_row)          # rows {0, 2} and {1, 3}
+    r0, r2 = tl.split(even)
+    r1, r3 = tl.split(odd)
+    lanes = (((tl.zeros_like(r0) + r0) + r1) + r2) + r3
+    return tl.reshape(lane_tree(tl.reshape(lanes, (A, 1, 16))), (A,))
+
+
+@triton.jit
+def div(a, b):
+    """Correctly rounded a / b (both fp32 tensors of one shape)."""
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def pow2(e):
+    """2^e as fp32 for int32 e in [-126, 127], from the exponent bits."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def exp(x):
+    """The canonical fp32 e^x: Cody-Waite reduction, degree-7 Horner polynomial, 2^n as two exact factors."""
+    xc = tl.where(x != x, 0.0, x)
+    xc = tl.minimum(tl.maximum(xc, EXP_LO), EXP_HI)
+    n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC
+    r = (xc - n * LN2_HI) - n * LN2_LO
+    p = tl.full(r.shape, C7, tl.float32)
+    p = p * r + C6
+    p = p * r + C5
+    p = p * r + C4
+    p = p * r + C3
+    p = p * r + C2
+    p = p * r + C1
+    p = p * r + C0
+    ni = n.to(tl.int32)
+    n1 = ni >> 1
+    y = (p * pow2(n1)) * pow2(ni - n1)
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0, e = exp(-|x|)."""
+    e = exp(-tl.abs(x))
+    den = e + 1.0
+    return tl.where(x >= 0, div(tl.full(x.shape, 1.0, tl.float32), den), div(e, den))
+
+
+@triton.jit
+def silu(x):
+    return x * sigmoid(x)
+
+
+@triton.jit
+def to_bf16(x):
+    """fp32 -> bf16, round to nearest even on the integer bits (NaN: its top bits made quiet, as torch does)."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
