@@ -1,8 +1,13 @@
-"""The `cuda` backend (NVIDIA GPUs): Triton kernels where they exist, the canonical composite for every other op.
+"""The `cuda` backend (NVIDIA GPUs): Triton kernels for the hot ops, the canonical composite for the rest.
 
 Kernels are registered in preference order per op, each with the strongest level it declares (checked by
-`dsv4 verify`): the fast tensor-core GEMM first, then the exact fused GEMM, then the canonical composite (exact, the
-floor every backend starts from; see docs/porting.md).
+`dsv4 verify`): tensor-core kernels first, then the exact kernels, then the canonical composite (exact, the floor
+every backend starts from; see docs/porting.md). Kernel sources live in dsv4.kernels (shared with Triton-Ascend).
+
+Ops without a Triton kernel here, and why: hadamard and fake_quant (a few elementwise passes over small vectors),
+moe_dispatch (a stable sort: torch's CUB radix sort is the right tool), sample (once per step, on [b, vocab]),
+mhc_head (once per step, before the head), ep_combine (a collective) and, at the exact level, mhc_pre (its Triton
+kernel is fast-level; the composite is the exact path).
 """
 from __future__ import annotations
 
@@ -25,21 +30,33 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _add_triton_kernels(backend: Backend) -> None:
+    from dsv4.kernels import indexer, linear, pointwise, quant_gemm, rms_norm, sparse_attention
+    from dsv4.kernels.compress_pool import compress_pool
+    from dsv4.kernels.mhc_pre import mhc_pre
+
+    for kind, level in (("fast", Level.FAST), ("invariant", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
+        backend.add("quant_linear", quant_gemm.quant_linear(kind), level, f"triton_{kind}")
+        backend.add("grouped_quant_linear", quant_gemm.grouped_quant_linear(kind), level, f"triton_{kind}")
+    # one program per (token, head block): batch-invariant by construction
+    for kind, level in (("fast", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
+        backend.add("sparse_attention", sparse_attention.sparse_attention(kind), level, f"triton_{kind}")
+        backend.add("hca_attention", sparse_attention.hca_attention(kind), level, f"triton_{kind}")
+    backend.add("linear", linear.cublas_linear, Level.FAST, "cublas")
+    exact = {"linear": linear.linear, "moe_gate": linear.moe_gate, "indexer_topk": indexer.indexer_topk,
+             "rms_norm": rms_norm.rms_norm, "rope": pointwise.rope, "swiglu": pointwise.swiglu,
+             "mhc_post": pointwise.mhc_post, "moe_combine": pointwise.moe_combine}
+    for op, fn in exact.items():   # the contract's canonical order: one kernel for every level
+        backend.add(op, fn, Level.EXACT, "triton_exact")
+    backend.add("compress_pool", compress_pool, Level.BATCH_INVARIANT, "triton")
+    backend.add("mhc_pre", mhc_pre, Level.FAST, "triton")
+
+
 def register(registry: Registry) -> None:
     backend = registry.add_backend(Backend(
         name="cuda", device_types=("cuda",), probe=unavailable_reason,
         description="NVIDIA GPUs: Triton kernels, canonical composite as the exact floor"))
     if importlib.util.find_spec("triton") is not None:
-        from dsv4.kernels import quant_gemm
-
-        from dsv4.kernels.compress_pool import compress_pool
-        from dsv4.kernels.mhc_pre import mhc_pre
-
-        for kind, level in (("fast", Level.FAST), ("invariant", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
-            backend.add("quant_linear", quant_gemm.quant_linear(kind), level, f"triton_{kind}")
-            backend.add("grouped_quant_linear", quant_gemm.grouped_quant_linear(kind), level, f"triton_{kind}")
-        # written once in kernels/ for this backend and Triton-Ascend alike
-        backend.add("compress_pool", compress_pool, Level.BATCH_INVARIANT, "triton")
-        backend.add("mhc_pre", mhc_pre, Level.FAST, "triton")
+        _add_triton_kernels(backend)
     add_expert_parallel_kernels(backend)
     add_canonical_kernels(backend)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dsv4.backends.levels import LEVEL_NAMES
+from dsv4.backends.contracts import CONTRACTS
+from dsv4.backends.levels import LEVEL_NAMES, Level
 from dsv4.errors import DSV4Error
 
 if TYPE_CHECKING:
@@ -325,6 +326,103 @@ def evaluate(model, preset, backend, device, determinism, ops_config, op_overrid
 @main.group()
 def bench() -> None:
     """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""
+
+
+def _sizes(text: str, option: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (empty allowed), or a DSV4Error naming the option."""
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        sizes = (0,)
+    if any(n < 1 for n in sizes):
+        raise DSV4Error(f"{option} must be comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+def _levels(text: str) -> tuple[Level, ...]:
+    return tuple(Level.parse(t) for t in text.split(",") if t.strip())
+
+
+def _needs_gpu(device: str) -> None:
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise DSV4Error(f"dsv4 bench times kernels with CUDA events: it needs --device cuda on a machine with an "
+                        f"NVIDIA GPU (got {device!r}, GPU visible: {torch.cuda.is_available()})")
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+bench_common = [
+    click.option("--device", default="cuda", show_default=True),
+    click.option("--preset", "preset_name", default="v4-flash", show_default=True,
+                 help="Take every dimension from this preset (v4-flash, v4-pro, ...)."),
+    click.option("--batches", default="1,16,64,256", show_default=True, help="Decode batch sizes."),
+    click.option("--prefills", default="4096,65536", show_default=True, help="Prefill lengths ('' for none)."),
+    click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True,
+                 help="Tokens each decoding sequence already holds."),
+    click.option("--levels", default="fast,batch-invariant,exact", show_default=True),
+    click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here."),
+    click.option("--quiet", is_flag=True, help="No progress on stderr."),
+]
+
+
+def bench_options(fn):
+    for option in reversed(bench_common):
+        fn = option(fn)
+    return fn
+
+
+@bench.command("ops")
+@bench_options
+@click.option("--ops", "op_names", default="", help="Only these ops (comma-separated), e.g. quant_linear.")
+@friendly_errors
+def bench_ops(device, preset_name, batches, prefills, context, levels, json_out, quiet, op_names):
+    """Every hot op of one layer at the preset's dimensions: each level's kernel against the torch composite,
+    cuBLAS / torch._scaled_mm (GEMMs) and SDPA (attention), and against the HBM and tensor-core limits measured in
+    the same run."""
+    from dsv4.benchmarks import ops
+
+    _needs_gpu(device)
+    names = tuple(o for o in op_names.split(",") if o)
+    unknown = set(names) - set(CONTRACTS)
+    if unknown:
+        raise DSV4Error(f"--ops names unknown op(s): {', '.join(sorted(unknown))}")
+    say = (lambda line: None) if quiet else (lambda line: click.echo(f"bench: {line}", err=True))
+    result = ops.run(preset_name, _sizes(batches, "--batches"), _sizes(prefills, "--prefills"), context,
+                     _levels(levels), device, names, progress=say)
+    click.echo(ops.table(result))
+    _write_json(result, json_out)
+
+
+@bench.command("layer")
+@bench_options
+@click.option("--kinds", default="csa,hca", show_default=True, help="Layer kinds: csa, hca, window.")
+@click.option("--exact-prefill-max", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Time the exact level on prefills up to this length (it runs on CUDA cores: slow).")
+@friendly_errors
+def bench_layer(device, preset_name, batches, prefills, context, levels, json_out, quiet, kinds,
+                exact_prefill_max):
+    """One whole layer (mHC, attention, MoE) at the preset's dimensions with random weights: decode steps and
+    prefills at each level, wall and GPU time, against the weight-read floor."""
+    from dsv4.benchmarks import layer
+
+    _needs_gpu(device)
+    kind_names = tuple(k for k in kinds.split(",") if k)
+    bad = set(kind_names) - set(layer.LAYER_KINDS)
+    if bad or not kind_names:
+        raise DSV4Error(f"--kinds takes {', '.join(layer.LAYER_KINDS)}; got {kinds!r}")
+    say = (lambda line: None) if quiet else (lambda line: click.echo(f"bench: {line}", err=True))
+    result = layer.run(preset_name, kind_names, _sizes(batches, "--batches"), _sizes(prefills, "--prefills"),
+                       context, _levels(levels), device, exact_prefill_max, progress=say)
+    click.echo(layer.table(result))
+    _write_json(result, json_out)
 
 
 @bench.command("moe")

@@ -27,6 +27,10 @@ import triton
 import triton.language as tl
 
 from dsv4.backends.contracts import FP4_BLOCK, FP8_BLOCK
+from dsv4.kernels import exact_math as em
+
+TARGET_PROGRAMS = 264       # about two programs per SM of an H100 (132 SMs): enough to stream the weights
+MAX_INVARIANT_SPLITS = 8    # batch-invariant split-K depends on the shape only; this bounds its partial-sum traffic
 
 
 @triton.jit
@@ -107,8 +111,8 @@ def _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE: tl.constexpr, 
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_rows_ptr,
-                 M, N, K, stride_we, stride_se, DENSE: tl.constexpr, FP4: tl.constexpr, EXACT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
+                 M, N, K, stride_we, stride_se, blocks_per_split, DENSE: tl.constexpr, FP4: tl.constexpr,
+                 EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
     expert, row0, n_rows = _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE, BLOCK_M)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = tl.arange(0, BLOCK_M) < n_rows
@@ -117,8 +121,11 @@ def _gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, til
     w_base = w_ptr + expert * stride_we
     s_base = sw_ptr + expert * stride_se
     WB: tl.constexpr = 32 if FP4 else 128                  # K width of one weight-scale block
+    split = tl.program_id(2)                               # this program's share of the K blocks (split-K)
+    kb_first = split * blocks_per_split
+    kb_end = tl.minimum(kb_first + blocks_per_split, K // 128)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(0, K // 128):
+    for kb in range(kb_first, kb_end):
         sx = _act_scale(x_ptr, rows, row_ok, K, kb)
         for wb in tl.static_range(0, 128 // WB):
             k0 = kb * 128 + wb * WB
@@ -143,7 +150,18 @@ def _gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, til
                     acc = acc + term
             else:
                 acc = acc + term
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(y_ptr + split * M * N + rows[:, None] * N + cols[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLITS, BLOCK: tl.constexpr):
+    """y = partial[0] + partial[1] + ... in split order (a fixed order: deterministic), cast once to bf16."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.load(partial_ptr + i, mask=i < MN, other=0.0)
+    for s in range(1, SPLITS):
+        acc += tl.load(partial_ptr + s * MN + i, mask=i < MN, other=0.0)
+    tl.store(y_ptr + i, em.to_bf16(acc), mask=i < MN)
 
 
 def _tile_table(counts: list[int], block_m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -164,27 +182,46 @@ def _launch(kind: str, x: torch.Tensor, counts: list[int] | None, weight: torch.
     n = weight.shape[1]
     if k % FP8_BLOCK:
         raise ValueError(f"quant GEMM: K={k} must be a multiple of {FP8_BLOCK}")
-    # fp32 out, then one cast in torch: round-to-nearest-even on every device (the interpreter truncates to bf16)
-    y = torch.empty(t, n, dtype=torch.float32, device=x.device)
+    y = torch.empty(t, n, dtype=torch.bfloat16, device=x.device)
     if t == 0:
-        return y.to(torch.bfloat16)
+        return y
     largest = t if counts is None else max(counts)
     if kind == "exact":
         block_m, block_n, sub_k, warps = min(16, triton.next_power_of_2(largest)), 32, 4, 4
     else:   # "fast" picks the row tile by batch size; "invariant" keeps it fixed, so the MMA shape never changes
         block_m = 16 if kind == "invariant" or largest <= 16 else 64
-        block_n, sub_k, warps = 128, FP4_BLOCK, 4
+        block_n, sub_k, warps = 64 if largest <= 16 else 128, FP4_BLOCK, 4
     if counts is None:
         zero = torch.zeros(1, dtype=torch.int32, device=x.device)
         tiles, n_tiles = (zero, zero, zero), triton.cdiv(t, block_m)
     else:
         tiles = _tile_table(counts, block_m, x.device)
         n_tiles = tiles[0].numel()
-    grid = (n_tiles, triton.cdiv(n, block_n))
-    _gemm_kernel[grid](x, weight, scale, y, *tiles, t, n, k, weight.stride(0), scale.stride(0),
-                       DENSE=counts is None, FP4=fp4, EXACT=kind == "exact", BLOCK_M=block_m, BLOCK_N=block_n,
-                       SUB_K=sub_k, num_warps=warps, enable_fp_fusion=kind != "exact")
-    return y.to(torch.bfloat16)
+    col_tiles, k_blocks = triton.cdiv(n, block_n), k // FP8_BLOCK
+    splits = _splits(kind, n_tiles, col_tiles, k_blocks, grouped=counts is not None)
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)
+    partial = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+    _gemm_kernel[(n_tiles, col_tiles, splits)](
+        x, weight, scale, partial, *tiles, t, n, k, weight.stride(0), scale.stride(0), per_split,
+        DENSE=counts is None, FP4=fp4, EXACT=kind == "exact", BLOCK_M=block_m, BLOCK_N=block_n, SUB_K=sub_k,
+        num_warps=warps, enable_fp_fusion=kind != "exact")
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(t * n, block),)](partial, y, t * n, splits, BLOCK=block)
+    return y
+
+
+def _splits(kind: str, row_tiles: int, col_tiles: int, k_blocks: int, grouped: bool) -> int:
+    """How many K ranges to split the GEMM into (split-K), so that small batches still occupy every SM.
+
+    exact: 1 (its contract accumulates the K blocks in one sequence). invariant: from the weight shape only (as if
+    one row tile), so a row's bits never depend on the batch. fast: from the whole grid. Grouped (MoE) GEMMs have a
+    tile per expert and batch, enough programs already: 1."""
+    if kind == "exact" or grouped:
+        return 1
+    if kind == "invariant":
+        return max(1, min(k_blocks, MAX_INVARIANT_SPLITS, TARGET_PROGRAMS // col_tiles))
+    return max(1, min(k_blocks, TARGET_PROGRAMS // (row_tiles * col_tiles)))
 
 
 def quant_linear(kind: str):

@@ -194,18 +194,24 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_v
                  k: int) -> torch.Tensor:
     """The min(k, n_visible) key slots t of best S[t] = sum_h relu(<q_h, keys_t>) * w_h (ties: lower t), in
     ascending t, padded with -1 to width k. Dots lanesum over d, relu, times weight, lanesum over H."""
-    b, s, _, _ = q.shape
-    t = keys.shape[1]
+    b = q.shape[0]
     dots = torch.stack([float_matmul(q[i].float(), keys[i]) for i in range(b)])    # [b, s, H, T]
     scores = lane_sum(torch.relu(dots) * weights.float()[..., None], dim=-2)       # [b, s, T]
-    slots = torch.arange(t, device=q.device)
+    return select_topk(scores, n_visible, k)
+
+
+def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
+    """indexer_topk's selection from its scores [b, s, T]: the min(k, n_visible) best visible slots (ties: lower t),
+    in ascending t, padded with -1 to width k. Integer work only: any device gives the same indices."""
+    b, s, t = scores.shape
+    slots = torch.arange(t, device=scores.device)
     visible = slots < n_visible[..., None]
     _, best = topk_lower_index(torch.where(visible, scores, -math.inf), min(k, t))
     # Invisible slots score -inf and have the highest indices, so they sort after every visible one.
-    rank = torch.arange(best.shape[-1], device=q.device)
+    rank = torch.arange(best.shape[-1], device=scores.device)
     chosen = torch.where(rank < n_visible[..., None], best, t)
     chosen = torch.sort(chosen, dim=-1).values
-    out = torch.full((b, s, k), -1, dtype=torch.int64, device=q.device)
+    out = torch.full((b, s, k), -1, dtype=torch.int64, device=scores.device)
     out[..., :chosen.shape[-1]] = torch.where(chosen < t, chosen, -1)
     return out
 
@@ -320,7 +326,13 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
              k: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """a = sqrt(softplus(x @ weight.T)); experts = hash_experts or the k best of a + bias (ties: lower id);
     weights = a[experts] / lanesum(a[experts]) * route_scale."""
-    a = sqrt(softplus(float_matmul(x.float(), weight)))
+    return route(float_matmul(x.float(), weight), bias, hash_experts, k, route_scale)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, hash_experts: torch.Tensor | None, k: int,
+          route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_gate from its logits x @ weight.T [T, E] (fp32): affinities, expert choice and normalised weights."""
+    a = sqrt(softplus(logits))
     if hash_experts is not None:
         experts = hash_experts.long()
     else:

@@ -1,0 +1,164 @@
+"""Per-layer benchmark (`dsv4 bench layer`): one DeepSeek-V4 block (mHC + attention + MoE) at the real dimensions
+of a preset, random weights on one GPU, decode steps and prefills at every determinism level.
+
+A decode step is one new token for each of `batch` sequences that already hold `context` tokens (the window ring,
+compressed entries and indexer keys are filled with random values); a prefill is one prompt of `length` tokens. Each
+is timed two ways: wall time per step (CUDA events around the eager step, host work included: the model core reads
+a few sizes on the host, so a step is not graph-capturable) and GPU busy time (the sum of the step's kernel times,
+from the profiler). The decode step is reported against its weight-read floor: the bytes of every weight the step
+must read (all non-routed weights plus the routed experts that `batch` tokens are expected to hit under uniform
+routing), divided by the HBM bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from dsv4.backends.levels import Level
+from dsv4.backends.registry import OpTable, default_registry
+from dsv4.benchmarks.timing import limits
+from dsv4.cache import KVCache
+from dsv4.config import ModelConfig, preset
+from dsv4.model import Block, Step, rope_table
+
+LAYER_KINDS = {"csa": 4, "hca": 128, "window": 0}
+
+
+@dataclass
+class Row:
+    layer: str
+    phase: str
+    size: int               # decode: batch; prefill: prompt length
+    level: str
+    wall_us: float
+    gpu_us: float
+    floor_us: float         # decode: weight-read floor; prefill: 0 (compute-bound)
+
+
+def layer_config(preset_name: str, kind: str, batch: int, tokens: int) -> ModelConfig:
+    """The preset with a single layer of the given kind, a cache for `batch` sequences of `tokens` positions."""
+    c = preset(preset_name)
+    return dataclasses.replace(c, n_layers=1, n_mtp_layers=0, n_hash_layers=0, compress_ratios=(LAYER_KINDS[kind],),
+                               max_batch_size=batch, max_seq_len=128 * math.ceil((tokens + 1) / 128))
+
+
+def random_block(config: ModelConfig, ops: OpTable, device: torch.device) -> Block:
+    """Block 0 built on the device with random weights in sensible ranges (timing does not depend on the values)."""
+    with torch.device(device):
+        block = Block(ops, config, 0)
+    for name, p in block.named_parameters():
+        if p.dtype == torch.float8_e4m3fn:
+            p.copy_((torch.randn(p.shape, device=device) * 0.5).to(torch.float8_e4m3fn))
+        elif p.dtype == torch.int8:                       # packed FP4 codes: every byte is valid
+            p.copy_(torch.randint(-128, 128, p.shape, device=device, dtype=torch.int8))
+        elif name.endswith("scale") and p.dim() == 2:     # quantisation scales: powers of two
+            p.fill_(2.0 ** -7)
+        elif name.endswith(("norm.weight", "hc_attn_scale", "hc_ffn_scale")):
+            p.fill_(1.0)
+        elif name.endswith(("bias", "base", "attn_sink", "ape")):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, device=device) * p.shape[-1] ** -0.5)
+    return block
+
+
+def use_ops(block: Block, ops: OpTable) -> None:
+    """Point every module of the block at another op table (another determinism level)."""
+    for module in block.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
+
+
+def weight_bytes(block: Block, config: ModelConfig, batch: int) -> int:
+    """Bytes of the weights one decode step reads: everything but the routed experts, plus the experts that `batch`
+    tokens hit in expectation under uniform routing."""
+    experts = block.ffn.experts
+    routed = sum(p.numel() * p.element_size() for p in experts.parameters())
+    rest = sum(p.numel() * p.element_size() for p in block.parameters()) - routed
+    E, k = config.n_routed_experts, config.n_activated_experts
+    hit = E * (1 - (1 - k / E) ** batch)
+    return rest + int(routed * hit / E)
+
+
+def _fill_cache(cache: KVCache) -> None:
+    for layer in cache.layers:
+        layer.window.normal_()
+        for state in (layer.compressor, layer.indexer):
+            if state is not None:
+                state.entries.normal_()
+
+
+def _time_step(step: Callable[[], object], iters: int) -> tuple[float, float]:
+    """(median wall microseconds per step, GPU busy microseconds of one step)."""
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    busy = sum(e.self_device_time_total for e in prof.key_averages())
+    return sorted(times)[len(times) // 2], busy
+
+
+def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], prefills: tuple[int, ...],
+        context: int, levels: tuple[Level, ...], device: str = "cuda", exact_prefill_max: int = 4096,
+        progress: Callable[[str], None] = lambda _: None) -> dict:
+    dev = torch.device(device)
+    registry = default_registry()
+    backend = registry.backend_for_device(dev.type)
+    tables = {level: registry.resolve(backend, level) for level in levels}
+    hw = limits(dev)
+    rows: list[Row] = []
+    for kind in kinds:
+        big = max([context + 1] + list(prefills))
+        config = layer_config(preset_name, kind, max(batches + (1,)), big)
+        block = random_block(config, tables[levels[0]], dev)
+        rope = tuple(t.to(dev) for t in rope_table(config, kind != "window"))
+        for phase, size in [("decode", n) for n in batches] + [("prefill", n) for n in prefills]:
+            b, s = (size, 1) if phase == "decode" else (1, size)
+            cache = KVCache(config, b, dev)
+            _fill_cache(cache)
+            start = context if phase == "decode" else 0
+            step = Step(start=torch.full((b,), start, device=dev), slots=torch.arange(b, device=dev), cache=cache,
+                        n_new=s)
+            h = torch.randn(b, s, config.hc_mult, config.dim, device=dev).bfloat16()
+            tokens = torch.randint(0, config.vocab_size, (b, s), device=dev)
+            floor = weight_bytes(block, config, b) / hw["hbm_bytes_per_s"] * 1e6 if phase == "decode" else 0.0
+            for level, table in tables.items():
+                if phase == "prefill" and level == Level.EXACT and size > exact_prefill_max:
+                    continue
+                progress(f"{kind} layer {phase} {size} {level.label}")
+                use_ops(block, table)
+                with torch.no_grad():
+                    wall, busy = _time_step(lambda: block(h, tokens, step, rope), iters=10 if s < 4096 else 3)
+                rows.append(Row(kind, phase, size, level.label, wall, busy, floor))
+    return {**hw, "preset": preset_name, "context": context, "exact_prefill_max": exact_prefill_max,
+            "rows": [asdict(r) for r in rows]}
+
+
+def table(result: dict) -> str:
+    lines = [f"dsv4 bench layer on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
+             f"{result['date']}), {result['preset']} dimensions, decode context {result['context']} tokens",
+             f"HBM {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s measured now; floor = weight bytes read / HBM",
+             f"{'layer':6} {'phase':7} {'size':>6} {'level':16} {'wall us':>10} {'gpu us':>10} {'floor us':>9} "
+             f"{'gpu/floor':>9} {'wall/fast':>9} {'gpu/fast':>9}"]
+    fast = {(r["layer"], r["phase"], r["size"]): r for r in result["rows"] if r["level"] == "fast"}
+    for r in result["rows"]:
+        f = fast.get((r["layer"], r["phase"], r["size"]))
+        ratio = (lambda a, b: f"{a / b:9.2f}" if b else f"{'':9}")
+        lines.append(f"{r['layer']:6} {r['phase']:7} {r['size']:>6} {r['level']:16} {r['wall_us']:10.0f} "
+                     f"{r['gpu_us']:10.0f} {r['floor_us']:9.1f} {ratio(r['gpu_us'], r['floor_us'])} "
+                     f"{ratio(r['wall_us'], f['wall_us'] if f else 0)} {ratio(r['gpu_us'], f['gpu_us'] if f else 0)}")
+    lines.append(f"exact prefill timed up to {result['exact_prefill_max']} tokens")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The float `linear` op in Triton, in the contract's canonical order: y[m, n] = the 16-lane sum over K of the fp32
+products x[m, k] * w[n, k] (used for the bf16/fp32 weights: wo_a's grouped projection, the compressor and gate
+projections, the output head).
+
+x [M, G, K] and w [G, N, K] (G = 1 for a plain linear; grouped: y[:, g] = x[:, g] @ w[g].T). One program per
+(BLOCK_M rows, BLOCK_N outputs, group) keeps [BLOCK_M, BLOCK_N, 16] lane accumulators and adds 16 K columns per step.
+Each output has its own accumulation in a fixed order, so the tile shape never changes a bit: one kernel serves every
+level. (The `fast` level on CUDA uses cuBLAS instead; see cuda/__init__.py.)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.backends.canonical.ops import route
+from dsv4.kernels import exact_math as em
+
+ACCUMULATORS = 8192     # BLOCK_M * BLOCK_N * 16 fp32 values per program
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(2)
+    row_ok, col_ok = rows < M, cols < N
+    lanes = tl.arange(0, 16)
+    x_rows = x_ptr + (rows * G + g) * K
+    w_rows = w_ptr + (g * N + cols) * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N, 16], tl.float32)
+    for k0 in range(0, K, 16):
+        k_ok = (k0 + lanes < K)[None, :]
+        x = tl.load(x_rows[:, None] + k0 + lanes[None, :], mask=row_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows[:, None] + k0 + lanes[None, :], mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+    y = em.lane_tree(acc)
+    out = y_ptr + (rows[:, None] * G + g) * N + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if OUT_BF16:
+        tl.store(out, em.to_bf16(y), mask=mask)
+    else:
+        tl.store(out, y, mask=mask)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The `linear` contract: x [..., K] @ weight[N, K].T, or grouped x [..., G, K] with weight [G, N, K]."""
+    grouped = weight.dim() == 3
+    g = weight.shape[0] if grouped else 1
+    n, k = weight.shape[-2:]
+    lead = x.shape[:-2] if grouped else x.shape[:-1]
+    xs = x.reshape(-1, g, k).contiguous()
+    m = xs.shape[0]
+    y = torch.empty(m, g, n, dtype=x.dtype, device=x.device)
+    if m:
+        block_m = min(16, triton.next_power_of_2(m))
+        block_n = ACCUMULATORS // (16 * block_m)
+        _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), g)](
+            xs, weight.contiguous(), y, m, n, k, g, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m,
+            BLOCK_N=block_n, enable_fp_fusion=False)
+    return y.view(*lead, g, n) if grouped else y.view(*lead, n)
+
+
+def cublas_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The `linear` contract through cuBLAS (fp32 accumulation, order of cuBLAS's choosing): the fast level."""
+    w = weight.to(x.dtype)
+    if weight.dim() == 2:
+        return torch.nn.functional.linear(x, w)
+    return torch.einsum("...gk,gnk->...gn", x, w)
+
+
+def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hash_experts: torch.Tensor | None,
+             k: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `moe_gate` contract: the gate logits through this kernel (the big reduction), then the reference's
+    routing on the small [T, E] affinities (canonical sqrt-softplus, top-k and normalisation)."""
+    return route(linear(x.float(), weight.float()), bias, hash_experts, k, route_scale)

@@ -1,0 +1,45 @@
+"""The benchmarks' inputs are valid calls of the ops they time, and `dsv4 bench` refuses to run without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dsv4.backends.canonical import ops as canonical
+from dsv4.benchmarks import layer, ops
+from dsv4.backends.registry import default_registry
+from dsv4.cache import KVCache
+from dsv4.cli import main
+from dsv4.config import preset
+from dsv4.model import Step, rope_table
+
+
+@pytest.mark.parametrize("phase,size", [("decode", 3), ("prefill", 40)])
+def test_every_op_benchmark_case_is_a_valid_call_of_its_reference_op(phase, size):
+    seen = set()
+    for case in ops.cases(preset("tiny"), phase, size, 300, torch.device("cpu")):
+        getattr(canonical, case.op)(*case.args)
+        assert case.bytes > 0
+        seen.add(case.op)
+    assert {"quant_linear", "grouped_quant_linear", "sparse_attention", "hca_attention", "indexer_topk"} <= seen
+
+
+@pytest.mark.parametrize("kind", sorted(layer.LAYER_KINDS))
+def test_layer_benchmark_builds_a_random_layer_that_runs_a_decode_step(kind):
+    table = default_registry().resolve("cpu", "fast")
+    config = layer.layer_config("tiny", kind, 2, 300)
+    block = layer.random_block(config, table, torch.device("cpu"))
+    cache = KVCache(config, 2, "cpu")
+    step = Step(start=torch.full((2,), 200), slots=torch.arange(2), cache=cache, n_new=1)
+    h = torch.randn(2, 1, config.hc_mult, config.dim).bfloat16()
+    out = block(h, torch.zeros(2, 1, dtype=torch.int64), step, rope_table(config, kind != "window"))
+    assert out.shape == h.shape and torch.isfinite(out.float()).all()
+    assert 0 < layer.weight_bytes(block, config, 1) < layer.weight_bytes(block, config, 64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("what", ["ops", "layer"])
+def test_bench_without_a_gpu_is_one_clear_line(what):
+    result = CliRunner().invoke(main, ["bench", what, "--device", "cpu"])
+    assert result.exit_code != 0
+    assert "needs --device cuda" in result.output and "Traceback" not in result.output
