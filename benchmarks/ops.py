@@ -70,6 +70,14 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _dense_attention(q: torch.Tensor, keys: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """SDPA baseline: each sequence's s*H query rows against one dense shared K=V head of the same key count (the
+    work of the sparse op without its gather; a single KV head needs no GQA expansion)."""
+    b, s, h, d = q.shape
+    q_rows, kv = q.reshape(b, 1, s * h, d), keys[:, None].contiguous()
+    return lambda: F.scaled_dot_product_attention(q_rows, kv, kv)
+
+
 def gemm_shapes(c: ModelConfig) -> list[tuple[str, int, int, str]]:
     """(label, N, K, format) of the dense quantised linears of one layer (FP8)."""
     return [("wq_a", c.q_lora_rank, c.dim, "fp8"), ("wq_b", c.n_heads * c.head_dim, c.q_lora_rank, "fp8"),
@@ -127,21 +135,19 @@ def cases(c: ModelConfig, phase: str, size: int, context: int, device: torch.dev
     n_keys = W + s + (context + s) // 4
     kv = _bf16(b, n_keys, D, device=device)
     idx = torch.randint(0, n_keys, (b, s, W + n_comp), device=device)
-    q_dense, k_dense = q.transpose(1, 2), kv[:, None, :W + n_comp].contiguous()
     read = b * s * (W + n_comp) * D * 2 if phase == "decode" else _nbytes(kv)
     yield case("sparse_attention", f"csa H={H} D={D} keys={W + n_comp}", (q, kv, idx, sink, scale),
                2 * _nbytes(q) + _nbytes(idx) + read, 4 * b * s * H * (W + n_comp) * D,
-               sdpa=lambda q=q_dense, k=k_dense: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
+               sdpa=_dense_attention(q, kv[:, :W + n_comp]))
     n_comp = (context + s) // 128
     kv = _bf16(b, W + s + n_comp, D, device=device)
     window = torch.randint(0, W + s, (b, s, W), device=device)
     visible = torch.full((b, s), n_comp, device=device) if phase == "decode" else \
         ((torch.arange(s, device=device) + 1) // 128).expand(b, s)
     read = b * s * (W + n_comp) * D * 2 if phase == "decode" else _nbytes(kv)
-    q_dense, k_dense = q.transpose(1, 2), kv[:, None, :W + n_comp].contiguous()
     yield case("hca_attention", f"hca H={H} D={D} keys={W + n_comp}", (q, kv, window, W + s, visible, sink, scale),
                2 * _nbytes(q) + _nbytes(window) + read, 4 * b * s * H * (W + n_comp) * D,
-               sdpa=lambda q=q_dense, k=k_dense: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
+               sdpa=_dense_attention(q, kv[:, :W + n_comp]))
 
     # lightning indexer over the visible compressed entries
     Hi, Di = c.index_n_heads, c.index_head_dim
@@ -193,7 +199,7 @@ def _time(fn: Callable, args: tuple) -> tuple[float, bool]:
 
 def run(preset_name: str, batches: tuple[int, ...], prefills: tuple[int, ...], context: int,
         levels: tuple[Level, ...], device: str = "cuda", ops: tuple[str, ...] = (),
-        progress: Callable[[str], None] = lambda _: None) -> dict:
+        progress: Callable[[str], None] = lambda _: None, on_row: Callable[[dict], None] = lambda _: None) -> dict:
     dev = torch.device(device)
     registry = default_registry()
     backend = registry.backend_for_device(dev.type)
@@ -230,6 +236,8 @@ def run(preset_name: str, batches: tuple[int, ...], prefills: tuple[int, ...], c
                 rows.append(Row(case.op, case.shape, phase, size, name, level_names, us, graphed,
                                 case.bytes / hw["hbm_bytes_per_s"] / seconds,
                                 case.flops / hw["tensor_core_flops"] / seconds))
+                on_row(asdict(rows[-1]))
+        torch.cuda.empty_cache()           # each phase's inputs differ in size: keep fragmentation down
     return {**hw, "preset": preset_name, "context": context, "rows": [asdict(r) for r in rows], "skipped": skipped}
 
 

@@ -395,8 +395,10 @@ def bench_ops(device, preset_name, batches, prefills, context, levels, json_out,
     if unknown:
         raise DSV4Error(f"--ops names unknown op(s): {', '.join(sorted(unknown))}")
     say = (lambda line: None) if quiet else (lambda line: click.echo(f"bench: {line}", err=True))
+    row_line = (lambda row: None) if quiet else (lambda row: click.echo(
+        f"bench: {row['kernel']} {row['us']:.1f} us ({100 * row['hbm_fraction']:.1f}% HBM)", err=True))
     result = ops.run(preset_name, _sizes(batches, "--batches"), _sizes(prefills, "--prefills"), context,
-                     _levels(levels), device, names, progress=say)
+                     _levels(levels), device, names, progress=say, on_row=row_line)
     click.echo(ops.table(result))
     _write_json(result, json_out)
 
