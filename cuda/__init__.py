@@ -6,8 +6,7 @@ every backend starts from; see docs/porting.md). Kernel sources live in dsv4.ker
 
 Ops without a Triton kernel here, and why: hadamard and fake_quant (a few elementwise passes over small vectors),
 moe_dispatch (a stable sort: torch's CUB radix sort is the right tool), sample (once per step, on [b, vocab]),
-mhc_head (once per step, before the head), ep_combine (a collective) and, at the exact level, mhc_pre (its Triton
-kernel is fast-level; the composite is the exact path).
+mhc_head (once per step, before the head) and ep_combine (a collective).
 """
 from __future__ import annotations
 
@@ -45,11 +44,9 @@ def _add_triton_kernels(backend: Backend) -> None:
     backend.add("linear", linear.cublas_linear, Level.FAST, "cublas")
     exact = {"linear": linear.linear, "moe_gate": linear.moe_gate, "indexer_topk": indexer.indexer_topk,
              "rms_norm": rms_norm.rms_norm, "rope": pointwise.rope, "swiglu": pointwise.swiglu,
-             "mhc_post": pointwise.mhc_post, "moe_combine": pointwise.moe_combine}
+             "compress_pool": compress_pool, "mhc_pre": mhc_pre, "mhc_post": pointwise.mhc_post, "moe_combine": pointwise.moe_combine}
     for op, fn in exact.items():   # the contract's canonical order: one kernel for every level
         backend.add(op, fn, Level.EXACT, "triton_exact")
-    backend.add("compress_pool", compress_pool, Level.BATCH_INVARIANT, "triton")
-    backend.add("mhc_pre", mhc_pre, Level.FAST, "triton")
 
 
 def register(registry: Registry) -> None:

@@ -1,9 +1,10 @@
-"""compress_pool as one Triton kernel, shared by the CUDA and npu (Triton-Ascend) backends: per channel, the softmax
-of the scores over the R rows and the weighted sum of kv, one program per (compressed entry, block of channels).
+"""compress_pool as one Triton kernel, shared by the CUDA and npu (Triton-Ascend) backends, in the contract's
+canonical order (so one kernel serves every level): per channel, the softmax of the scores over the R rows and the
+weighted sum of kv. One program per (compressed entry, block of channels).
 
-A program holds all R rows of its channels, so the reduction over R never leaves it: its order depends on R and the
-tile shape only, never on how many entries the call carries (batch-invariant by construction). Tiles hold at most
-TILE fp32 values per operand, well inside the 192 KiB unified buffer of a 910B vector core with double buffering.
+The sums over R are 16-lane sums: row r goes to lane r % 16, rows in increasing order, then the lane tree; exp is
+the canonical polynomial and the final division is correctly rounded. Tiles hold BLOCK_C x 16 fp32 accumulators,
+well inside the 192 KiB unified buffer of a 910B vector core.
 """
 from __future__ import annotations
 
@@ -11,29 +12,39 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 4096
+from dsv4.kernels import exact_math as em
+
+BLOCK_C = 128
 
 
 @triton.jit
-def _compress_pool_kernel(kv_ptr, score_ptr, out_ptr, R, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _compress_pool_kernel(kv_ptr, score_ptr, out_ptr, R, C, BLOCK_C: tl.constexpr):
     entry = tl.program_id(0)
-    rows = tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    offsets = entry * R * C + rows[:, None] * C + cols[None, :]
-    score = tl.load(score_ptr + offsets, mask=mask, other=float("-inf"))
-    kv = tl.load(kv_ptr + offsets, mask=mask, other=0.0)
-    weight = tl.exp(score - tl.max(score, axis=0)[None, :])        # rows scored -inf weigh 0
-    pooled = tl.sum(weight * kv, axis=0) / tl.sum(weight, axis=0)
-    tl.store(out_ptr + entry * C + cols, pooled, mask=cols < C)
+    col_ok = cols < C
+    lanes = tl.arange(0, 16)
+    base = entry * R * C + cols
+    m = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    for r in range(R):
+        m = tl.maximum(m, tl.load(score_ptr + base + r * C, mask=col_ok, other=0.0))
+    num = tl.zeros([BLOCK_C, 16], tl.float32)
+    den = tl.zeros([BLOCK_C, 16], tl.float32)
+    for r in range(R):
+        e = em.exp(tl.load(score_ptr + base + r * C, mask=col_ok, other=0.0) - m)     # rows scored -inf weigh 0
+        kv = tl.load(kv_ptr + base + r * C, mask=col_ok, other=0.0)
+        lane = lanes[None, :] == r % 16
+        den = tl.where(lane, den + e[:, None], den)
+        num = tl.where(lane, num + (e * kv)[:, None], num)
+    pooled = em.div(tl.reshape(em.lane_tree(tl.reshape(num, (BLOCK_C, 1, 16))), (BLOCK_C,)),
+                    tl.reshape(em.lane_tree(tl.reshape(den, (BLOCK_C, 1, 16))), (BLOCK_C,)))
+    tl.store(out_ptr + entry * C + cols, pooled, mask=col_ok)
 
 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """kv, score [n, R, c] fp32 -> [n, c] fp32 (the `compress_pool` contract)."""
     n, r, c = kv.shape
-    rows = triton.next_power_of_2(r)
-    block_c = max(1, min(triton.next_power_of_2(c), TILE // rows))
     out = torch.empty(n, c, dtype=torch.float32, device=kv.device)
-    _compress_pool_kernel[(n, triton.cdiv(c, block_c))](kv.float().contiguous(), score.float().contiguous(), out,
-                                                         r, c, ROWS=rows, BLOCK_C=block_c)
+    if n:
+        _compress_pool_kernel[(n, triton.cdiv(c, BLOCK_C))](kv.float().contiguous(), score.float().contiguous(), out,
+                                                             r, c, BLOCK_C=BLOCK_C, enable_fp_fusion=False)
     return out

@@ -45,15 +45,36 @@ def lane_tree(acc):
 
 
 @triton.jit
-def lane_sum_rows4(x):
-    """[A, 64] -> [A]: the lane sum of 64 values (4 rows of 16 lanes) in contract order."""
+def split4(x):
+    """[A, 64] -> its four [A, 16] column chunks (0-15, 16-31, 32-47, 48-63): a kernel loads 64 columns at once and
+    still adds them to its 16 lanes chunk by chunk, in order."""
     A: tl.constexpr = x.shape[0]
-    by_row = tl.reshape(tl.permute(tl.reshape(x, (A, 4, 16)), (0, 2, 1)), (A, 16, 2, 2))
-    even, odd = tl.split(by_row)          # rows {0, 2} and {1, 3}
-    r0, r2 = tl.split(even)
-    r1, r3 = tl.split(odd)
-    lanes = (((tl.zeros_like(r0) + r0) + r1) + r2) + r3
+    by_chunk = tl.reshape(tl.permute(tl.reshape(x, (A, 4, 16)), (0, 2, 1)), (A, 16, 2, 2))
+    even, odd = tl.split(by_chunk)        # chunks {0, 2} and {1, 3}
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def lane_sum_rows4(x):
+    """[A, 64] -> [A]: the lane sum of 64 values (4 chunks of 16 lanes) in contract order."""
+    A: tl.constexpr = x.shape[0]
+    c0, c1, c2, c3 = split4(x)
+    lanes = (((tl.zeros_like(c0) + c0) + c1) + c2) + c3
     return tl.reshape(lane_tree(tl.reshape(lanes, (A, 1, 16))), (A,))
+
+
+@triton.jit
+def add_products64(acc, a, b):
+    """acc [A, B, 16] lane accumulators += the products a[:, None, k] * b[None, :, k] of one 64-column chunk
+    (a [A, 64], b [B, 64]), added 16 columns at a time in increasing order."""
+    a0, a1, a2, a3 = split4(a)
+    b0, b1, b2, b3 = split4(b)
+    acc = acc + a0[:, None, :] * b0[None, :, :]
+    acc = acc + a1[:, None, :] * b1[None, :, :]
+    acc = acc + a2[:, None, :] * b2[None, :, :]
+    return acc + a3[:, None, :] * b3[None, :, :]
 
 
 @triton.jit

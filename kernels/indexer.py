@@ -2,7 +2,8 @@
 reference (`canonical.ops.select_topk`, integer work only).
 
 S[token, t] = sum_h relu(<q_h, keys_t>) * w_h, q [T, H, d] (T = b*s tokens), keys [b, N, d], w [T, H]. One program
-per (token, block of BLOCK_T keys): for each head, the dot products are 16-lane sums over d; relu(dot) * w_h goes to
+per (token, block of BLOCK_T keys): for each head, the dot products are 16-lane sums over d (64 columns loaded
+per step); relu(dot) * w_h goes to
 lane h % 16 of the head accumulator, which the lane tree finally reduces.
 
 Why only an exact kernel: the op's output is a set of indices, which every level must reproduce exactly
@@ -27,15 +28,15 @@ def _scores_kernel(q_ptr, w_ptr, keys_ptr, out_ptr, S, H, N, D: tl.constexpr, BL
     token = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < N
-    lanes = tl.arange(0, 16)
+    lanes, cols64 = tl.arange(0, 16), tl.arange(0, 64)
     key_rows = keys_ptr + (token // S) * N * D + t * D
     heads = tl.zeros([BLOCK_T, 16], tl.float32)
     for h in range(H):
-        dots = tl.zeros([BLOCK_T, 1, 16], tl.float32)
-        for d0 in range(0, D, 16):
-            k = tl.load(key_rows[:, None] + d0 + lanes[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
-            q = tl.load(q_ptr + (token * H + h) * D + d0 + lanes).to(tl.float32)
-            dots += tl.reshape(q[None, :] * k, (BLOCK_T, 1, 16))
+        dots = tl.zeros([1, BLOCK_T, 16], tl.float32)
+        for d0 in range(0, D, 64):
+            k = tl.load(key_rows[:, None] + d0 + cols64[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+            q = tl.load(q_ptr + (token * H + h) * D + d0 + cols64).to(tl.float32)
+            dots = em.add_products64(dots, q[None, :], k)
         dot = tl.reshape(em.lane_tree(dots), (BLOCK_T,))
         term = tl.maximum(dot, 0.0) * tl.load(w_ptr + token * H + h)
         heads = tl.where(lanes[None, :] == h % 16, heads + term[:, None], heads)
@@ -49,8 +50,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -
     n = keys.shape[1]
     if keys.shape[0] != b or keys.shape[-1] != d:
         raise DSV4Error(f"indexer_topk: q {tuple(q.shape)} and keys {tuple(keys.shape)} disagree on batch or dim")
-    if d % 16:
-        raise DSV4Error(f"the indexer kernel needs a head dim divisible by 16, got {d}")
+    if d % 64:
+        raise DSV4Error(f"the indexer kernel needs a head dim divisible by 64, got {d}")
     out = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
     if b * s and n:
         _scores_kernel[(b * s, triton.cdiv(n, BLOCK_T))](

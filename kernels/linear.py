@@ -3,7 +3,8 @@ products x[m, k] * w[n, k] (used for the bf16/fp32 weights: wo_a's grouped proje
 projections, the output head).
 
 x [M, G, K] and w [G, N, K] (G = 1 for a plain linear; grouped: y[:, g] = x[:, g] @ w[g].T). One program per
-(BLOCK_M rows, BLOCK_N outputs, group) keeps [BLOCK_M, BLOCK_N, 16] lane accumulators and adds 16 K columns per step.
+(BLOCK_M rows, BLOCK_N outputs, group) keeps [BLOCK_M, BLOCK_N, 16] lane accumulators; it loads 64 K columns
+per step and adds them 16 at a time.
 Each output has its own accumulation in a fixed order, so the tile shape never changes a bit: one kernel serves every
 level. (The `fast` level on CUDA uses cuBLAS instead; see cuda/__init__.py.)
 """
@@ -26,15 +27,15 @@ def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(2)
     row_ok, col_ok = rows < M, cols < N
-    lanes = tl.arange(0, 16)
+    cols64 = tl.arange(0, 64)
     x_rows = x_ptr + (rows * G + g) * K
     w_rows = w_ptr + (g * N + cols) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N, 16], tl.float32)
-    for k0 in range(0, K, 16):
-        k_ok = (k0 + lanes < K)[None, :]
-        x = tl.load(x_rows[:, None] + k0 + lanes[None, :], mask=row_ok[:, None] & k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_rows[:, None] + k0 + lanes[None, :], mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float32)
-        acc += x[:, None, :] * w[None, :, :]
+    for k0 in range(0, K, 64):
+        k_ok = (k0 + cols64 < K)[None, :]
+        x = tl.load(x_rows[:, None] + k0 + cols64[None, :], mask=row_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows[:, None] + k0 + cols64[None, :], mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+        acc = em.add_products64(acc, x, w)
     y = em.lane_tree(acc)
     out = y_ptr + (rows[:, None] * G + g) * N + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]

@@ -8,17 +8,20 @@ interpreter give the same bits.
 
 Three kernels, one per promise:
 - `exact`: the op contract bit for bit (backends/contracts.py, quant_linear). Each weight-scale block's dot product
-  (K = 128 for FP8 weights, 32 for FP4) is formed in fp64 on CUDA cores: e4m3 x e4m3 and e4m3 x e2m1 products are
-  exact in fp64 and a block's sum needs < 53 bits, so it is exact whatever order the lanes add in. It is rounded once
-  to fp32, scaled (activation scale, then weight scale) and accumulated over K blocks in increasing order, with FP
-  fusion disabled.
+  (K = 128 for FP8 weights, 32 for FP4) is formed exactly on int8 tensor cores: the e4m3 / e2m1 values, scaled to
+  integers, are cut into int8 slices whose products sum exactly in int32 and combine in int64 (the route
+  exactness.md names; 9 slice products per FP8 block, 3 per FP4 block). It is rounded once to fp32, scaled
+  (activation scale, then weight scale) and accumulated over K blocks in increasing order, with FP fusion disabled.
 - `invariant`: FP8 tensor cores (`tl.dot` on e4m3, fp32 accumulate) per weight-scale block, scaled and accumulated in
-  fp32 (DeepGEMM's "promoted accumulation"), with a fixed row tile: no split-K, a fixed K block and one MMA shape, so
-  a row's bits do not depend on the other rows (declared batch-invariant; `dsv4 verify` checks it).
-- `fast`: the same with the row tile chosen by batch size.
+  fp32 (DeepGEMM's "promoted accumulation"), with one tile shape for every batch and a split-K that depends on the
+  weight shape only, so a row's bits do not depend on the other rows (declared batch-invariant; `dsv4 verify`
+  checks it).
+- `fast`: the same with the tile shape and the split chosen from the batch size.
 
-Tiles: BLOCK_M rows x BLOCK_N columns per program. Dense GEMMs derive their rows from the program id; grouped (MoE)
-GEMMs pass a tile table (expert, first row, row count) so that tiles never straddle experts.
+Tiles: BLOCK_M rows x BLOCK_N columns x one K range per program (split-K: small batches have few row tiles, so the
+K blocks are shared out to occupy every SM). Each program writes its fp32 partial sum; a second kernel adds the
+partials in split order (a fixed order) and rounds once to bf16. Dense GEMMs derive their rows from the program id;
+grouped (MoE) GEMMs pass a tile table (expert, first row, row count) so that tiles never straddle experts.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.backends.contracts import FP4_BLOCK, FP8_BLOCK
+from dsv4.backends.contracts import FP8_BLOCK
 from dsv4.kernels import exact_math as em
 
 TARGET_PROGRAMS = 264       # about two programs per SM of an H100 (132 SMs): enough to stream the weights
@@ -77,12 +80,15 @@ def _act_chunk(x_ptr, rows, row_ok, K, k_idx, scale):
 
 
 @triton.jit
-def _weights(w_base, cols, col_ok, K, k_idx, FP4: tl.constexpr):
-    """Weight values at columns k_idx for output features cols: fp32 [BLOCK_N, len(k_idx)] (e4m3 or e2m1 values)."""
-    if FP4:   # two codes per byte: even k in the low nibble, odd k in the high nibble
-        byte = tl.load(w_base + cols[:, None] * (K // 2) + k_idx[None, :] // 2, mask=col_ok[:, None],
-                       other=0).to(tl.int32) & 0xFF
-        return _fp4_value(tl.where(k_idx[None, :] % 2 == 0, byte & 0xF, byte >> 4))
+def _weights(w_base, cols, col_ok, K, k_first, WIDTH: tl.constexpr, FP4: tl.constexpr):
+    """Weight values at columns k_first .. k_first+WIDTH-1 for output features cols: fp32 [BLOCK_N, WIDTH] (e4m3 or
+    e2m1 values)."""
+    if FP4:   # two codes per byte: even k in the low nibble, odd k in the high nibble; each byte is loaded once
+        b = k_first // 2 + tl.arange(0, WIDTH // 2)
+        byte = tl.load(w_base + cols[:, None] * (K // 2) + b[None, :], mask=col_ok[:, None], other=0).to(tl.int32)
+        pairs = tl.join(_fp4_value(byte & 0xF), _fp4_value((byte >> 4) & 0xF))          # [BLOCK_N, WIDTH/2, 2]
+        return tl.reshape(pairs, (cols.shape[0], WIDTH))
+    k_idx = k_first + tl.arange(0, WIDTH)
     return tl.load(w_base + cols[:, None] * K + k_idx[None, :], mask=col_ok[:, None], other=0.0).to(tl.float32)
 
 
@@ -92,6 +98,42 @@ def _weight_scale(s_base, cols, col_ok, K, kb, wb, FP4: tl.constexpr):
     if FP4:
         return tl.load(s_base + cols * (K // 32) + kb * 4 + wb, mask=col_ok, other=0.0)
     return tl.load(s_base + (cols // 128) * (K // 128) + kb, mask=col_ok, other=0.0)
+
+
+@triton.jit
+def _int8_slices(v):
+    """Integers |v| < 2^18 (int32) -> int8 (a, b, c) with v = a * 2^14 + b * 2^7 + c, b and c in [-64, 63]."""
+    c = ((v + 64) & 127) - 64
+    v = (v - c) >> 7
+    b = ((v + 64) & 127) - 64
+    a = (v - b) >> 7
+    return a.to(tl.int8), b.to(tl.int8), c.to(tl.int8)
+
+
+@triton.jit
+def _exact_block_dot(q, w, FP4: tl.constexpr):
+    """The exact dot products of one weight-scale block, rounded once to fp32: q [BLOCK_M, WB] e4m3 activation values,
+    w [BLOCK_N, WB] e4m3 or e2m1 weight values (fp32) -> [BLOCK_M, BLOCK_N].
+
+    Scaled to integers (e4m3 * 2^9 and e2m1 * 2: |v| < 2^18 and <= 12), the operands are cut into int8 slices; int8
+    tensor cores multiply slice pairs exactly into int32, and the slice products are shifted and added in int64, so
+    the block sum is exact whatever order the hardware adds in. Converting it to fp32 is the one rounding."""
+    qa, qb, qc = _int8_slices((q * 512.0).to(tl.int32))
+    if FP4:   # e2m1 * 2 is already an int8
+        wt = tl.trans((w * 2.0).to(tl.int32).to(tl.int8))
+        s = ((tl.dot(qa, wt, out_dtype=tl.int32) << 14) + (tl.dot(qb, wt, out_dtype=tl.int32) << 7)
+             + tl.dot(qc, wt, out_dtype=tl.int32))            # |s| < 32 * 2^18 * 12: fits int32
+        return s.to(tl.float32) * 0.0009765625                 # 2^-10, exact
+    wa, wb, wc = _int8_slices((w * 512.0).to(tl.int32))
+    wa, wb, wc = tl.trans(wa), tl.trans(wb), tl.trans(wc)
+    top = tl.dot(qa, wa, out_dtype=tl.int32).to(tl.int64)
+    d21 = (tl.dot(qa, wb, out_dtype=tl.int32) + tl.dot(qb, wa, out_dtype=tl.int32)).to(tl.int64)
+    d14 = (tl.dot(qa, wc, out_dtype=tl.int32) + tl.dot(qb, wb, out_dtype=tl.int32)
+           + tl.dot(qc, wa, out_dtype=tl.int32)).to(tl.int64)
+    d7 = (tl.dot(qb, wc, out_dtype=tl.int32) + tl.dot(qc, wb, out_dtype=tl.int32)).to(tl.int64)
+    low = tl.dot(qc, wc, out_dtype=tl.int32).to(tl.int64)
+    s = (top << 28) + (d21 << 21) + (d14 << 14) + (d7 << 7) + low
+    return s.to(tl.float32) * 3.814697265625e-06               # 2^-18, exact
 
 
 @triton.jit
@@ -112,7 +154,7 @@ def _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE: tl.constexpr, 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_rows_ptr,
                  M, N, K, stride_we, stride_se, blocks_per_split, DENSE: tl.constexpr, FP4: tl.constexpr,
-                 EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr):
+                 EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     expert, row0, n_rows = _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE, BLOCK_M)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = tl.arange(0, BLOCK_M) < n_rows
@@ -129,18 +171,14 @@ def _gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, til
         sx = _act_scale(x_ptr, rows, row_ok, K, kb)
         for wb in tl.static_range(0, 128 // WB):
             k0 = kb * 128 + wb * WB
-            if EXACT:   # exact block sum in fp64, SUB_K columns at a time
-                block_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
-                for kk in tl.static_range(0, WB, SUB_K):
-                    k_idx = k0 + kk + tl.arange(0, SUB_K)
-                    q = _act_chunk(x_ptr, rows, row_ok, K, k_idx, sx).to(tl.float64)
-                    w = _weights(w_base, cols, col_ok, K, k_idx, FP4).to(tl.float64)
-                    block_sum += tl.sum(q[:, None, :] * w[None, :, :], axis=2)
-                part = block_sum.to(tl.float32)
+            if EXACT:   # the exact block sum from int8 tensor cores on sliced integer operands
+                q = _act_chunk(x_ptr, rows, row_ok, K, k0 + tl.arange(0, WB), sx)
+                w = _weights(w_base, cols, col_ok, K, k0, WB, FP4)
+                part = _exact_block_dot(q, w, FP4)
             else:       # FP8 tensor cores, fp32 accumulate
                 k_idx = k0 + tl.arange(0, WB)
                 q = _act_chunk(x_ptr, rows, row_ok, K, k_idx, sx).to(tl.float8e4nv)
-                w = _weights(w_base, cols, col_ok, K, k_idx, FP4).to(tl.float8e4nv)
+                w = _weights(w_base, cols, col_ok, K, k0, WB, FP4).to(tl.float8e4nv)
                 part = tl.dot(q, tl.trans(w), out_dtype=tl.float32)
             term = (part * sx[:, None]) * _weight_scale(s_base, cols, col_ok, K, kb, wb, FP4)[None, :]
             if EXACT and wb == 0:     # the contract starts from the first block's term, not from +0.0
@@ -186,11 +224,10 @@ def _launch(kind: str, x: torch.Tensor, counts: list[int] | None, weight: torch.
     if t == 0:
         return y
     largest = t if counts is None else max(counts)
-    if kind == "exact":
-        block_m, block_n, sub_k, warps = min(16, triton.next_power_of_2(largest)), 32, 4, 4
-    else:   # "fast" picks the row tile by batch size; "invariant" keeps it fixed, so the MMA shape never changes
-        block_m = 16 if kind == "invariant" or largest <= 16 else 64
-        block_n, sub_k, warps = 64 if largest <= 16 else 128, FP4_BLOCK, 4
+    if kind in ("exact", "invariant"):   # one tile shape for every batch: the MMA shape never changes
+        block_m, block_n = 16, 64
+    else:                       # "fast" picks the tile by batch size
+        block_m, block_n = (16, 64) if largest <= 16 else (64, 128)
     if counts is None:
         zero = torch.zeros(1, dtype=torch.int32, device=x.device)
         tiles, n_tiles = (zero, zero, zero), triton.cdiv(t, block_m)
@@ -198,26 +235,26 @@ def _launch(kind: str, x: torch.Tensor, counts: list[int] | None, weight: torch.
         tiles = _tile_table(counts, block_m, x.device)
         n_tiles = tiles[0].numel()
     col_tiles, k_blocks = triton.cdiv(n, block_n), k // FP8_BLOCK
-    splits = _splits(kind, n_tiles, col_tiles, k_blocks, grouped=counts is not None)
+    splits = _splits(kind, n_tiles, col_tiles, k_blocks)
     per_split = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, per_split)
     partial = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
     _gemm_kernel[(n_tiles, col_tiles, splits)](
         x, weight, scale, partial, *tiles, t, n, k, weight.stride(0), scale.stride(0), per_split,
-        DENSE=counts is None, FP4=fp4, EXACT=kind == "exact", BLOCK_M=block_m, BLOCK_N=block_n, SUB_K=sub_k,
-        num_warps=warps, enable_fp_fusion=kind != "exact")
+        DENSE=counts is None, FP4=fp4, EXACT=kind == "exact", BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4, enable_fp_fusion=kind != "exact")
     block = 1024
     _sum_splits_kernel[(triton.cdiv(t * n, block),)](partial, y, t * n, splits, BLOCK=block)
     return y
 
 
-def _splits(kind: str, row_tiles: int, col_tiles: int, k_blocks: int, grouped: bool) -> int:
+def _splits(kind: str, row_tiles: int, col_tiles: int, k_blocks: int) -> int:
     """How many K ranges to split the GEMM into (split-K), so that small batches still occupy every SM.
 
     exact: 1 (its contract accumulates the K blocks in one sequence). invariant: from the weight shape only (as if
-    one row tile), so a row's bits never depend on the batch. fast: from the whole grid. Grouped (MoE) GEMMs have a
-    tile per expert and batch, enough programs already: 1."""
-    if kind == "exact" or grouped:
+    one row tile), so a row's bits never depend on the batch or on how the rows spread over experts. fast: from the
+    whole grid."""
+    if kind == "exact":
         return 1
     if kind == "invariant":
         return max(1, min(k_blocks, MAX_INVARIANT_SPLITS, TARGET_PROGRAMS // col_tiles))

@@ -1,7 +1,7 @@
 """RMSNorm in Triton, in the contract's canonical order (so one kernel serves every level).
 
 x [R, n] -> weight * (x * 1/sqrt(s/n + eps)), s the 16-lane sum of x^2. One program per BLOCK_R rows: a first pass
-forms the lane sums 16 columns at a time, a second scales the row BLOCK_N columns at a time. Division and square root
+forms the lane sums (64 columns loaded per step, added 16 at a time), a second scales the row BLOCK_N columns at a time. Division and square root
 are correctly rounded; no FMA contraction.
 """
 from __future__ import annotations
@@ -21,12 +21,16 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, n, eps, HAS_WEIGHT: tl.constexpr, O
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    lanes = tl.arange(0, 16)
+    cols64 = tl.arange(0, 64)
     acc = tl.zeros([BLOCK_R, 1, 16], tl.float32)
-    for c0 in range(0, n, 16):
-        x = tl.load(x_ptr + rows[:, None] * n + c0 + lanes[None, :], mask=row_ok[:, None] & (c0 + lanes < n)[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.reshape(x * x, (BLOCK_R, 1, 16))
+    for c0 in range(0, n, 64):
+        x = tl.load(x_ptr + rows[:, None] * n + c0 + cols64[None, :],
+                    mask=row_ok[:, None] & (c0 + cols64 < n)[None, :], other=0.0).to(tl.float32)
+        x0, x1, x2, x3 = em.split4(x * x)     # the four 16-column chunks, in order
+        acc = acc + x0[:, None, :]
+        acc = acc + x1[:, None, :]
+        acc = acc + x2[:, None, :]
+        acc = acc + x3[:, None, :]
     s = tl.reshape(em.lane_tree(acc), (BLOCK_R,))
     mean = em.div(s, tl.full(s.shape, n, tl.float32))
     inv = em.div(tl.full(s.shape, 1.0, tl.float32), tl.sqrt_rn(mean + eps))

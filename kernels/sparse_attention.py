@@ -51,7 +51,7 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
     kv_base = kv_ptr + (token // S) * N * D
     q_rows = q_ptr + (token * H + heads) * D
     acc_rows = acc_ptr + (token * H + heads) * D
-    lanes = tl.arange(0, 16)
+    cols64 = tl.arange(0, 64)
     m = tl.full([BH], float("-inf"), tl.float32)
     l = tl.zeros([BH], tl.float32)
     for c0 in range(0, K, 64):
@@ -60,11 +60,11 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
         valid = slots >= 0
         # scores: 16-lane sums of q * kv over D
         dots = tl.zeros([BH, 64, 16], tl.float32)
-        for d0 in range(0, D, 16):
-            qc = tl.load(q_rows[:, None] + d0 + lanes[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
-            kc = tl.load(kv_base + slots[:, None] * D + d0 + lanes[None, :], mask=valid[:, None],
+        for d0 in range(0, D, 64):
+            qc = tl.load(q_rows[:, None] + d0 + cols64[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+            kc = tl.load(kv_base + slots[:, None] * D + d0 + cols64[None, :], mask=valid[:, None],
                          other=0.0).to(tl.float32)
-            dots += qc[:, None, :] * kc[None, :, :]
+            dots = em.add_products64(dots, qc, kc)
         s = em.lane_tree(dots) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         if tl.max(valid.to(tl.int32), axis=0) > 0:       # a chunk without a valid slot changes nothing
@@ -156,8 +156,8 @@ def _launch(kind: str, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sin
         return out.view(b, s, h, d)
     sinkf = sink.float().contiguous()
     if kind == "exact":
-        if d % EXACT_BLOCK_D:
-            raise DSV4Error(f"the exact sparse_attention kernel needs a head dim divisible by {EXACT_BLOCK_D}, got {d}")
+        if d % 64:
+            raise DSV4Error(f"the exact sparse_attention kernel needs a head dim divisible by 64, got {d}")
         acc = torch.zeros(tokens, h, d, dtype=torch.float32, device=q.device)
         _exact_kernel[(tokens, triton.cdiv(h, EXACT_HEADS))](
             qf, kvc, idxf, sinkf, acc, out, scale, s, h, kv.shape[1], k_slots, D=d, BH=EXACT_HEADS,

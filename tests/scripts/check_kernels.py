@@ -8,7 +8,7 @@ import torch
 from dsv4.backends.canonical import ops as C
 from dsv4.backends.contracts import contract
 from dsv4.formats import fake_quant, quantize_weight_fp4, quantize_weight_fp8
-from dsv4.kernels import indexer, linear, pointwise, quant_gemm, rms_norm, sparse_attention
+from dsv4.kernels import compress_pool, indexer, linear, mhc_pre, pointwise, quant_gemm, rms_norm, sparse_attention
 
 device = sys.argv[1]
 torch.manual_seed(0)
@@ -106,6 +106,15 @@ for limit, weights in ((10.0, rw), (0.0, None)):
     same(f"swiglu limit={limit}", pointwise.swiglu(*on(g, u, limit, weights)), C.swiglu(g, u, limit, weights))
 f, streams = torch.randn(2, 3, 200).bfloat16(), torch.randn(2, 3, 4, 200).bfloat16()
 post, comb = torch.rand(2, 3, 4) * 2, torch.rand(2, 3, 4, 4)
+kv, score = torch.randn(6, 8, 300), torch.randn(6, 8, 300) * 4
+score[0, 3:] = float("-inf")                  # rows not written yet weigh 0
+for r in (8, 128):
+    kv_r, score_r = kv.repeat(1, r // 8, 1), score.repeat(1, r // 8, 1)
+    same(f"compress_pool R={r}", compress_pool.compress_pool(*on(kv_r, score_r)), C.compress_pool(kv_r, score_r))
+x = torch.randn(5, 1, 4, 200).bfloat16()
+fn, hc_scale, hc_base = torch.randn(24, 800) * 0.05, torch.rand(3) + 0.5, torch.randn(24)
+same("mhc_pre", mhc_pre.mhc_pre(*on(x, fn, hc_scale, hc_base, 1e-6, 1e-6, 20)),
+     C.mhc_pre(x, fn, hc_scale, hc_base, 1e-6, 1e-6, 20))
 same("mhc_post", pointwise.mhc_post(*on(f, streams, post, comb)), C.mhc_post(f, streams, post, comb))
 experts = torch.randint(0, 8, (11, 3))
 order, _ = C.moe_dispatch(experts, 8)
