@@ -20,7 +20,7 @@ from dsv4.backends.canonical.ops import select_topk
 from dsv4.errors import DSV4Error
 from dsv4.kernels import exact_math as em
 
-BLOCK_T = 64
+BLOCK_T = 32
 
 
 @triton.jit

@@ -17,7 +17,8 @@ import triton.language as tl
 from dsv4.backends.canonical.ops import route
 from dsv4.kernels import exact_math as em
 
-ACCUMULATORS = 8192     # BLOCK_M * BLOCK_N * 16 fp32 values per program
+ACCUMULATORS = 8192     # BLOCK_M * BLOCK_N * 16 fp32 values per program, at most
+TARGET_PROGRAMS = 264   # about two programs per SM of an H100
 
 
 @triton.jit
@@ -57,6 +58,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if m:
         block_m = min(16, triton.next_power_of_2(m))
         block_n = ACCUMULATORS // (16 * block_m)
+        while block_n > 16 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * g < TARGET_PROGRAMS:
+            block_n //= 2                                   # small calls: more, narrower programs
         _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), g)](
             xs, weight.contiguous(), y, m, n, k, g, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m,
             BLOCK_N=block_n, enable_fp_fusion=False)

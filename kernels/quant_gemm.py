@@ -1,10 +1,10 @@
 """Block-scaled quantised GEMMs in Triton: y[M, N] = x[M, K] @ W[N, K].T with FP8 (e4m3, 128x128 scales) or packed
 FP4 (e2m1, 1x32 scales) weights, as DeepSeek-V4's Linear layers compute them.
 
-Activations are quantised inside the kernel, per row and per 128-wide K block, exactly as the contract says
+Activations are first quantised by a small kernel, once per row and 128-wide K block, exactly as the contract says
 (`dsv4.formats.quantize_act_fp8`): scale = 2^ceil(log2(max(amax, 1e-4) / 448)) from the IEEE bits, then
 q = e4m3(x / scale), rounded to nearest-even by integer arithmetic on the fp32 bits, so the GPU and Triton's CPU
-interpreter give the same bits.
+interpreter give the same bits. The GEMM programs then read the e4m3 codes (not re-quantising per column tile).
 
 Three kernels, one per promise:
 - `exact`: the op contract bit for bit (backends/contracts.py, quant_linear). Each weight-scale block's dot product
@@ -38,13 +38,12 @@ MAX_INVARIANT_SPLITS = 8    # batch-invariant split-K depends on the shape only;
 
 @triton.jit
 def _fp4_value(code):
-    """e2m1 code (int32 0..15) -> fp32 value: bit 3 sign, bits 1-2 exponent, bit 0 mantissa."""
-    mag = code & 7
-    e = mag >> 1
-    m = (mag & 1).to(tl.float32)
-    normal = (1.0 + 0.5 * m) * tl.where(e == 1, 1.0, tl.where(e == 2, 2.0, 4.0))
-    value = tl.where(e == 0, 0.5 * m, normal)
-    return tl.where(code >= 8, -value, value)
+    """e2m1 code (int32 0..15) -> fp32 value, built from the bits: bit 3 sign, bits 1-2 exponent e, bit 0 mantissa m.
+    e > 0: (1 + m/2) * 2^(e-1), i.e. fp32 exponent field e + 126 and mantissa's top bit m; e = 0: m * 0.5."""
+    e = (code >> 1) & 3
+    m = code & 1
+    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22)) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -61,22 +60,26 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _act_scale(x_ptr, rows, row_ok, K, kb):
-    """ue8m0 scale [BLOCK_M] of the rows' activations in K block kb (128 wide)."""
-    ks = kb * 128 + tl.arange(0, 128)
-    x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, K):
+    """One row's 128-wide K block: ue8m0 scale 2^ceil(log2(max(amax, 1e-4) / 448)) and the e4m3 codes of x / scale
+    (dividing by a power of two is multiplying by its exact inverse)."""
+    row, kb = tl.program_id(0), tl.program_id(1)
+    ks = kb * 128 + tl.arange(0, 128)[None, :]                  # a [1, 128] tile: one row
+    x = tl.load(x_ptr + row * K + ks).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)           # [1]
     bits = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)).to(tl.int32, bitcast=True)
     exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    return (exponent << 23).to(tl.float32, bitcast=True)
+    inverse = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
+    q = _round_e4m3(tl.minimum(tl.maximum(x * inverse[:, None], -448.0), 448.0))
+    tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv))          # exact: q is an e4m3 value
+    tl.store(s_ptr + row * (K // 128) + kb + tl.arange(0, 1), (exponent << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _act_chunk(x_ptr, rows, row_ok, K, k_idx, scale):
-    """The rows' activations at columns k_idx, quantised to e4m3 with their block scale: fp32 [BLOCK_M, len(k_idx)]."""
-    x = tl.load(x_ptr + rows[:, None] * K + k_idx[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    v = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
-    return _round_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
+def _act_codes(xq_ptr, rows, row_ok, K, k_first, WIDTH: tl.constexpr):
+    """The rows' e4m3 activation codes at columns k_first .. k_first+WIDTH-1: [BLOCK_M, WIDTH] float8."""
+    k_idx = k_first + tl.arange(0, WIDTH)
+    return tl.load(xq_ptr + rows[:, None] * K + k_idx[None, :], mask=row_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -152,7 +155,7 @@ def _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE: tl.constexpr, 
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_rows_ptr,
+def _gemm_kernel(xq_ptr, xs_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_rows_ptr,
                  M, N, K, stride_we, stride_se, blocks_per_split, DENSE: tl.constexpr, FP4: tl.constexpr,
                  EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     expert, row0, n_rows = _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE, BLOCK_M)
@@ -168,16 +171,15 @@ def _gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, til
     kb_end = tl.minimum(kb_first + blocks_per_split, K // 128)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(kb_first, kb_end):
-        sx = _act_scale(x_ptr, rows, row_ok, K, kb)
+        sx = tl.load(xs_ptr + rows * (K // 128) + kb, mask=row_ok, other=0.0)
         for wb in tl.static_range(0, 128 // WB):
             k0 = kb * 128 + wb * WB
             if EXACT:   # the exact block sum from int8 tensor cores on sliced integer operands
-                q = _act_chunk(x_ptr, rows, row_ok, K, k0 + tl.arange(0, WB), sx)
+                q = _act_codes(xq_ptr, rows, row_ok, K, k0, WB).to(tl.float32)
                 w = _weights(w_base, cols, col_ok, K, k0, WB, FP4)
                 part = _exact_block_dot(q, w, FP4)
             else:       # FP8 tensor cores, fp32 accumulate
-                k_idx = k0 + tl.arange(0, WB)
-                q = _act_chunk(x_ptr, rows, row_ok, K, k_idx, sx).to(tl.float8e4nv)
+                q = _act_codes(xq_ptr, rows, row_ok, K, k0, WB)
                 w = _weights(w_base, cols, col_ok, K, k0, WB, FP4).to(tl.float8e4nv)
                 part = tl.dot(q, tl.trans(w), out_dtype=tl.float32)
             term = (part * sx[:, None]) * _weight_scale(s_base, cols, col_ok, K, kb, wb, FP4)[None, :]
@@ -238,9 +240,12 @@ def _launch(kind: str, x: torch.Tensor, counts: list[int] | None, weight: torch.
     splits = _splits(kind, n_tiles, col_tiles, k_blocks)
     per_split = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, per_split)
+    xq = torch.empty(t, k, dtype=torch.float8_e4m3fn, device=x.device)
+    xs = torch.empty(t, k_blocks, dtype=torch.float32, device=x.device)
+    _quantize_kernel[(t, k_blocks)](x, xq, xs, k)
     partial = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
     _gemm_kernel[(n_tiles, col_tiles, splits)](
-        x, weight, scale, partial, *tiles, t, n, k, weight.stride(0), scale.stride(0), per_split,
+        xq, xs, weight, scale, partial, *tiles, t, n, k, weight.stride(0), scale.stride(0), per_split,
         DENSE=counts is None, FP4=fp4, EXACT=kind == "exact", BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=4, enable_fp_fusion=kind != "exact")
     block = 1024
