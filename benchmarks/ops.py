@@ -28,7 +28,7 @@ from dsv4.formats import quantize_weight_fp4, quantize_weight_fp8
 
 COMPOSITE_MAX_TOKENS = 16      # the torch composite is timed up to this many tokens (it is slow by design)
 SLOW_CALL_US = 50_000          # calls slower than this are timed 3 times instead of 20
-EXACT_PREFILL_MAX = 16384      # exact-only kernels are timed on prefills up to this length
+EXACT_PREFILL_MAX = 16384      # kernels declared exact are timed on prefills up to this length
 
 
 @dataclass
@@ -220,13 +220,14 @@ def run(preset_name: str, batches: tuple[int, ...], prefills: tuple[int, ...], c
                 served.setdefault(f"{k.backend}:{k.name}", []).append(level.label)
             timed = {}
             for name, level_names in served.items():
-                if phase == "prefill" and size > EXACT_PREFILL_MAX and level_names == ["exact"]:
-                    skipped.append(f"{name} {case.op} {case.shape} prefill {size}: exact prefill is timed up to "
-                                   f"{EXACT_PREFILL_MAX} tokens (compute-bound on CUDA cores; see docs/benchmarks.md)")
-                    continue
                 backend_name, kernel_name = name.split(":", 1)
-                fn = next(k.fn for k in registry.backend(backend_name).kernels[case.op] if k.name == kernel_name)
-                timed[name] = (_time(fn, case.args), ",".join(level_names))
+                kernel = next(k for k in registry.backend(backend_name).kernels[case.op] if k.name == kernel_name)
+                if phase == "prefill" and size > EXACT_PREFILL_MAX and kernel.level == Level.EXACT:
+                    skipped.append(f"{name} {case.op} {case.shape} prefill {size}: exact-ordered kernels are timed "
+                                   f"on prefills up to {EXACT_PREFILL_MAX} tokens (CUDA-core reductions; "
+                                   "see docs/benchmarks.md)")
+                    continue
+                timed[name] = (_time(kernel.fn, case.args), ",".join(level_names))
             if size <= COMPOSITE_MAX_TOKENS and "cuda:canonical" not in served:
                 timed["composite"] = (_time(getattr(canonical, case.op), case.args), "")
             for name, fn in case.baselines.items():

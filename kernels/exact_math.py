@@ -26,6 +26,10 @@ LN2_LO = tl.constexpr(P.LN2_LO)
 EXP_HI = tl.constexpr(P.EXP_HI)
 EXP_LO = tl.constexpr(P.EXP_LO)
 C7, C6, C5, C4, C3, C2, C1, C0 = (tl.constexpr(c) for c in P.EXP_POLY)   # Taylor coefficients, r^7 first
+LG1, LG2, LG3, LG4 = (tl.constexpr(c) for c in (P.LG1, P.LG2, P.LG3, P.LG4))   # fdlibm logf polynomial
+LN2_HI_LOG = tl.constexpr(P.LN2_HI_LOG)
+LN2_LO_LOG = tl.constexpr(P.LN2_LO_LOG)
+SQRT_HALF_BITS = tl.constexpr(P.SQRT_HALF_BITS)
 ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
 
 
@@ -116,6 +120,44 @@ def sigmoid(x):
     e = exp(-tl.abs(x))
     den = e + 1.0
     return tl.where(x >= 0, div(tl.full(x.shape, 1.0, tl.float32), den), div(e, den))
+
+
+@triton.jit
+def log(x):
+    """The canonical fp32 natural log (fdlibm logf): x = 2^k * m with m in [sqrt(1/2), sqrt(2)) from the IEEE bits
+    (subnormals scaled by 2^25 first), then the polynomial in s = (m-1)/(m+1)."""
+    ordinary = (x > 0) & (x < float("inf"))
+    subnormal = x < 1.1754943508222875e-38                        # 2^-126
+    xs = tl.where(ordinary, tl.where(subnormal, x * 33554432.0, x), 1.0)
+    bits = xs.to(tl.int32, bitcast=True) + (0x3F800000 - SQRT_HALF_BITS)
+    k = (bits >> 23) - 0x7F - 25 * subnormal.to(tl.int32)
+    m = ((bits & 0x7FFFFF) + SQRT_HALF_BITS).to(tl.float32, bitcast=True)
+    f = m - 1.0
+    s = div(f, f + 2.0)
+    z = s * s
+    w = z * z
+    big_r = z * (w * LG3 + LG1) + w * (w * LG4 + LG2)
+    hfsq = (f * 0.5) * f
+    dk = k.to(tl.float32)
+    y = (((s * (hfsq + big_r) + dk * LN2_LO_LOG) - hfsq) + f) + dk * LN2_HI_LOG
+    y = tl.where(x == 0, float("-inf"), y)
+    y = tl.where(x == float("inf"), float("inf"), y)
+    return tl.where((x < 0) | (x != x), float("nan"), y)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x >= 0, corrected for the rounding of 1 + x."""
+    u = x + 1.0
+    y = log(u) - div((u - 1.0) - x, u)
+    y = tl.where(u == 1.0, x, y)
+    return tl.where(x == float("inf"), x, y)
+
+
+@triton.jit
+def softplus(x):
+    """max(x, 0) + log1p(exp(-|x|))."""
+    return tl.maximum(x, 0.0) + log1p(exp(-tl.abs(x)))
 
 
 @triton.jit

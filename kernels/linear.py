@@ -32,7 +32,7 @@ def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
     x_rows = x_ptr + (rows * G + g) * K
     w_rows = w_ptr + (g * N + cols) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N, 16], tl.float32)
-    for k0 in range(0, K, 64):
+    for k0 in tl.range(0, K, 64, loop_unroll_factor=4):   # unrolled: loads issue ahead of the adds
         k_ok = (k0 + cols64 < K)[None, :]
         x = tl.load(x_rows[:, None] + k0 + cols64[None, :], mask=row_ok[:, None] & k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows[:, None] + k0 + cols64[None, :], mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float32)
@@ -74,8 +74,21 @@ def cublas_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...gk,gnk->...gn", x, w)
 
 
+@triton.jit
+def _affinity_kernel(logits_ptr, a_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    z = tl.load(logits_ptr + i, mask=i < n, other=0.0)
+    tl.store(a_ptr + i, tl.sqrt_rn(em.softplus(z)), mask=i < n)
+
+
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hash_experts: torch.Tensor | None,
              k: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `moe_gate` contract: the gate logits through this kernel (the big reduction), then the reference's
-    routing on the small [T, E] affinities (canonical sqrt-softplus, top-k and normalisation)."""
-    return route(linear(x.float(), weight.float()), bias, hash_experts, k, route_scale)
+    """The `moe_gate` contract: the gate logits through the linear kernel, the affinities sqrt(softplus(logits)) in
+    one kernel, then the reference's routing on the small [T, E] affinities (top-k and normalisation)."""
+    logits = linear(x.float(), weight.float())
+    a = torch.empty_like(logits)
+    if logits.numel():
+        block = 1024
+        _affinity_kernel[(triton.cdiv(logits.numel(), block),)](logits, a, logits.numel(), BLOCK=block,
+                                                                enable_fp_fusion=False)
+    return route(a, bias, hash_experts, k, route_scale)

@@ -169,6 +169,7 @@ def _gemm_kernel(xq_ptr, xs_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row
     split = tl.program_id(2)                               # this program's share of the K blocks (split-K)
     kb_first = split * blocks_per_split
     kb_end = tl.minimum(kb_first + blocks_per_split, K // 128)
+    kb_end = tl.where(n_rows > 0, kb_end, kb_first)       # a padding tile of the grouped table does nothing
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(kb_first, kb_end):
         sx = tl.load(xs_ptr + rows * (K // 128) + kb, mask=row_ok, other=0.0)
@@ -204,17 +205,22 @@ def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLITS, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, em.to_bf16(acc), mask=i < MN)
 
 
-def _tile_table(counts: list[int], block_m: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(expert, first row, row count) for every BLOCK_M tile of every expert's rows."""
-    expert, row, size, start = [], [], [], 0
-    for e, c in enumerate(counts):
-        for r in range(0, c, block_m):
-            expert.append(e); row.append(start + r); size.append(min(block_m, c - r))
-        start += c
-    return tuple(torch.tensor(v, dtype=torch.int32, device=device) for v in (expert, row, size))
+def _tile_table(counts: torch.Tensor, block_m: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(expert, first row, row count) [n] int32 of every BLOCK_M tile of every expert's rows, built on the device (no
+    host sync, so a grouped GEMM can be captured in a CUDA graph). n = cdiv(rows, BLOCK_M) + E bounds the number of
+    tiles whatever the counts; the tiles past the last one have 0 rows and do nothing."""
+    n_experts = counts.numel()
+    i = torch.arange(triton.cdiv(rows, block_m) + n_experts, device=counts.device)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    expert = torch.searchsorted(tile_end, i, right=True).clamp_max(n_experts - 1)
+    local = i - (tile_end - tiles)[expert]
+    first_row = (torch.cumsum(counts, 0) - counts)[expert] + local * block_m
+    row_count = torch.where(i < tile_end[-1], (counts[expert] - local * block_m).clamp(0, block_m), 0)
+    return expert.int(), first_row.int(), row_count.int()
 
 
-def _launch(kind: str, x: torch.Tensor, counts: list[int] | None, weight: torch.Tensor,
+def _launch(kind: str, x: torch.Tensor, counts: torch.Tensor | None, weight: torch.Tensor,
             scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] bf16 (grouped: rows in expert order, `counts` per expert), weight [E, N, K or K/2] -> [T, N] bf16."""
     t, k = x.shape
@@ -225,16 +231,15 @@ def _launch(kind: str, x: torch.Tensor, counts: list[int] | None, weight: torch.
     y = torch.empty(t, n, dtype=torch.bfloat16, device=x.device)
     if t == 0:
         return y
-    largest = t if counts is None else max(counts)
-    if kind in ("exact", "invariant"):   # one tile shape for every batch: the MMA shape never changes
-        block_m, block_n = 16, 64
-    else:                       # "fast" picks the tile by batch size
-        block_m, block_n = (16, 64) if largest <= 16 else (64, 128)
+    if kind in ("exact", "invariant") or counts is not None or t <= 16:
+        block_m, block_n = 16, 64     # exact / invariant: one tile shape for every batch (the MMA never changes)
+    else:
+        block_m, block_n = 64, 128    # fast, dense, larger batches
     if counts is None:
         zero = torch.zeros(1, dtype=torch.int32, device=x.device)
         tiles, n_tiles = (zero, zero, zero), triton.cdiv(t, block_m)
     else:
-        tiles = _tile_table(counts, block_m, x.device)
+        tiles = _tile_table(counts.to(x.device), block_m, t)
         n_tiles = tiles[0].numel()
     col_tiles, k_blocks = triton.cdiv(n, block_n), k // FP8_BLOCK
     splits = _splits(kind, n_tiles, col_tiles, k_blocks)
@@ -280,6 +285,6 @@ def quant_linear(kind: str):
 def grouped_quant_linear(kind: str):
     """The registry kernel `grouped_quant_linear` of the given kind."""
     def run(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return _launch(kind, x.contiguous(), counts.tolist(), weight, scale.float().contiguous())
+        return _launch(kind, x.contiguous(), counts, weight, scale.float().contiguous())
     run.__name__ = f"grouped_quant_linear_{kind}"
     return run

@@ -60,7 +60,7 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
         valid = slots >= 0
         # scores: 16-lane sums of q * kv over D
         dots = tl.zeros([BH, 64, 16], tl.float32)
-        for d0 in range(0, D, 64):
+        for d0 in tl.static_range(0, D, 64):
             qc = tl.load(q_rows[:, None] + d0 + cols64[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
             kc = tl.load(kv_base + slots[:, None] * D + d0 + cols64[None, :], mask=valid[:, None],
                          other=0.0).to(tl.float32)
@@ -180,6 +180,7 @@ def sparse_attention(kind: str):
 def hca_attention(kind: str):
     """The registry kernel `hca_attention` of the given kind: the sparse kernel over the HCA index list."""
     def run(q, kv, window_idx, comp_offset, n_comp, sink, scale):
-        return _launch(kind, q, kv, hca_indices(window_idx, comp_offset, n_comp), sink, scale)
+        width = kv.shape[1] - comp_offset      # every compressed row kv holds: no host sync, same result
+        return _launch(kind, q, kv, hca_indices(window_idx, comp_offset, n_comp, width), sink, scale)
     run.__name__ = f"hca_attention_{kind}"
     return run

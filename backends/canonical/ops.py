@@ -263,9 +263,12 @@ def hca_attention(q: torch.Tensor, kv: torch.Tensor, window_idx: torch.Tensor, c
     return sparse_attention(q, kv, hca_indices(window_idx, comp_offset, n_comp), sink, scale)
 
 
-def hca_indices(window_idx: torch.Tensor, comp_offset: int, n_comp: torch.Tensor) -> torch.Tensor:
-    """The HCA index list [b, s, W + max n_comp]: window_idx, then comp_offset + 0 .. n_comp-1, then -1."""
-    width = int(n_comp.max()) if n_comp.numel() else 0
+def hca_indices(window_idx: torch.Tensor, comp_offset: int, n_comp: torch.Tensor,
+                width: int | None = None) -> torch.Tensor:
+    """The HCA index list [b, s, W + width]: window_idx, then comp_offset + 0 .. n_comp-1, then -1. `width` defaults
+    to the largest n_comp (a host sync); any larger width gives the same attention (trailing empty slots)."""
+    if width is None:
+        width = int(n_comp.max()) if n_comp.numel() else 0
     j = torch.arange(width, device=window_idx.device)
     comp = torch.where(j < n_comp[..., None], comp_offset + j, -1)
     return torch.cat((window_idx, comp), dim=-1)
@@ -326,13 +329,12 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
              k: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """a = sqrt(softplus(x @ weight.T)); experts = hash_experts or the k best of a + bias (ties: lower id);
     weights = a[experts] / lanesum(a[experts]) * route_scale."""
-    return route(float_matmul(x.float(), weight), bias, hash_experts, k, route_scale)
+    return route(sqrt(softplus(float_matmul(x.float(), weight))), bias, hash_experts, k, route_scale)
 
 
-def route(logits: torch.Tensor, bias: torch.Tensor | None, hash_experts: torch.Tensor | None, k: int,
+def route(a: torch.Tensor, bias: torch.Tensor | None, hash_experts: torch.Tensor | None, k: int,
           route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """moe_gate from its logits x @ weight.T [T, E] (fp32): affinities, expert choice and normalised weights."""
-    a = sqrt(softplus(logits))
+    """moe_gate from its affinities a = sqrt(softplus(x @ weight.T)) [T, E]: expert choice, normalised weights."""
     if hash_experts is not None:
         experts = hash_experts.long()
     else:

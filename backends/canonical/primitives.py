@@ -157,10 +157,10 @@ def exp(x: torch.Tensor) -> torch.Tensor:
 
 
 # fdlibm/musl logf: log(1+f) = f - hfsq + s*(hfsq + R(s^2)), s = f/(2+f), R a minimax fit of the atanh series.
-_LG1, _LG2, _LG3, _LG4 = 0xAAAAAA / 2.0 ** 24, 0xCCCE13 / 2.0 ** 25, 0x91E9EE / 2.0 ** 25, 0xF89E26 / 2.0 ** 26
-_LN2_HI_LOG = _bits(0x3F317180)
-_LN2_LO_LOG = _bits(0x3717F7D1)
-_SQRT_HALF_BITS = 0x3F3504F3           # fp32 bits of sqrt(1/2)
+LG1, LG2, LG3, LG4 = 0xAAAAAA / 2.0 ** 24, 0xCCCE13 / 2.0 ** 25, 0x91E9EE / 2.0 ** 25, 0xF89E26 / 2.0 ** 26
+LN2_HI_LOG = _bits(0x3F317180)
+LN2_LO_LOG = _bits(0x3717F7D1)
+SQRT_HALF_BITS = 0x3F3504F3           # fp32 bits of sqrt(1/2)
 
 
 def log(x: torch.Tensor) -> torch.Tensor:
@@ -173,17 +173,17 @@ def log(x: torch.Tensor) -> torch.Tensor:
     ordinary = (x > 0) & (x < math.inf)
     subnormal = x < 2.0 ** -126
     xs = torch.where(ordinary, torch.where(subnormal, x * 2.0 ** 25, x), torch.ones_like(x))
-    bits = xs.view(torch.int32) + (0x3F800000 - _SQRT_HALF_BITS)
+    bits = xs.view(torch.int32) + (0x3F800000 - SQRT_HALF_BITS)
     k = (bits >> 23) - 0x7F - 25 * subnormal.to(torch.int32)
-    m = ((bits & 0x7FFFFF) + _SQRT_HALF_BITS).view(torch.float32)
+    m = ((bits & 0x7FFFFF) + SQRT_HALF_BITS).view(torch.float32)
     f = m - 1.0
     s = f / (f + 2.0)
     z = s * s
     w = z * z
-    big_r = z * (w * _LG3 + _LG1) + w * (w * _LG4 + _LG2)
+    big_r = z * (w * LG3 + LG1) + w * (w * LG4 + LG2)
     hfsq = (f * 0.5) * f
     dk = k.float()
-    y = (((s * (hfsq + big_r) + dk * _LN2_LO_LOG) - hfsq) + f) + dk * _LN2_HI_LOG
+    y = (((s * (hfsq + big_r) + dk * LN2_LO_LOG) - hfsq) + f) + dk * LN2_HI_LOG
     y = torch.where(x == 0, -math.inf, y)
     y = torch.where(x == math.inf, math.inf, y)
     return torch.where((x < 0) | torch.isnan(x), math.nan, y)

@@ -4,11 +4,14 @@ per kernel and 'ok' at the end; any mismatch raises. Run by tests/test_cuda_kern
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 from dsv4.backends.canonical import ops as C
+from dsv4.backends.canonical import primitives as P
 from dsv4.backends.contracts import contract
 from dsv4.formats import fake_quant, quantize_weight_fp4, quantize_weight_fp8
-from dsv4.kernels import compress_pool, indexer, linear, mhc_pre, pointwise, quant_gemm, rms_norm, sparse_attention
+from dsv4.kernels import compress_pool, exact_math, indexer, linear, mhc_pre, pointwise, quant_gemm, rms_norm, sparse_attention
 
 device = sys.argv[1]
 torch.manual_seed(0)
@@ -36,6 +39,27 @@ def close(name, op, out, ref):
 def on(*args):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
+
+@triton.jit
+def _math_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + i)
+    tl.store(out_ptr + i, exact_math.exp(x))
+    tl.store(out_ptr + N + i, exact_math.log(x))
+    tl.store(out_ptr + 2 * N + i, exact_math.softplus(x))
+    tl.store(out_ptr + 3 * N + i, exact_math.sigmoid(x))
+
+
+# the canonical transcendentals: wide range, subnormals, zeros, infinities
+values = torch.cat([torch.randn(2048) * 40, torch.rand(1024) * 1e-37, torch.tensor([0.0, -0.0, 1.0, 88.7, -103.9]),
+                    torch.tensor([float("inf"), -float("inf"), 1e-45, 3e38]), torch.randn(1015)])
+out = torch.empty(4 * 4096, device=device)
+_math_kernel[(1,)](values.to(device), out, N=4096, enable_fp_fusion=False)
+for i, (name, fn) in enumerate([("exp", P.exp), ("log", P.log), ("softplus", P.softplus), ("sigmoid", P.sigmoid)]):
+    got, want = out[i * 4096:(i + 1) * 4096].cpu(), fn(values)
+    same_bits = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert same_bits.all(), f"{name}: {int((~same_bits).sum())} values differ from the reference"
+    print(name, "exact")
 
 # quantised GEMMs (dense FP8/FP4, grouped FP4)
 for m, n, k in [(1, 96, 256), (5, 130, 384), (19, 64, 128)]:
@@ -94,6 +118,10 @@ for m in (1, 3, 40):
     xg, wg = torch.randn(m, 2, 64).bfloat16(), torch.randn(2, 48, 64).bfloat16()
     same(f"linear grouped bf16 m={m}", linear.linear(*on(xg, wg)), C.linear(xg, wg))
     close(f"linear cublas m={m}", "linear", linear.cublas_linear(*on(xg, wg)), C.linear(xg, wg))
+x, gate_w = torch.randn(13, 256).bfloat16(), torch.randn(8, 256) * 0.3
+bias, hashed = torch.randn(8) * 0.1, torch.randint(0, 8, (13, 2))
+for label, b, h in (("scored", bias, None), ("hashed", None, hashed)):
+    same(f"moe_gate {label}", linear.moe_gate(*on(x, gate_w, b, h, 2, 1.5)), C.moe_gate(x, gate_w, b, h, 2, 1.5))
 q = torch.randn(2, 3, 4, 128).bfloat16()
 cos, sin = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
 for inverse in (False, True):
