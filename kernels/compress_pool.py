@@ -19,7 +19,7 @@ BLOCK_C = 128
 
 @triton.jit
 def _compress_pool_kernel(kv_ptr, score_ptr, out_ptr, R, C, BLOCK_C: tl.constexpr):
-    entry = tl.program_id(0)
+    entry = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     lanes = tl.arange(0, 16)

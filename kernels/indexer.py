@@ -25,7 +25,7 @@ BLOCK_T = 32
 
 @triton.jit
 def _scores_kernel(q_ptr, w_ptr, keys_ptr, out_ptr, S, H, N, D: tl.constexpr, BLOCK_T: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < N
     lanes, cols64 = tl.arange(0, 16), tl.arange(0, 64)

@@ -24,7 +24,7 @@ TARGET_PROGRAMS = 264   # about two programs per SM of an H100
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # 64-bit offsets
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(2)
     row_ok, col_ok = rows < M, cols < N
@@ -76,7 +76,7 @@ def cublas_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _affinity_kernel(logits_ptr, a_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     z = tl.load(logits_ptr + i, mask=i < n, other=0.0)
     tl.store(a_ptr + i, tl.sqrt_rn(em.softplus(z)), mask=i < n)
 

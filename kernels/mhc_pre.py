@@ -39,7 +39,7 @@ def _entry(v, i):
 @triton.jit
 def _mhc_pre_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, D, norm_eps, hc_eps, iters,
                     HC: tl.constexpr, BLOCK_D: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     K = HC * D
     j = tl.arange(0, HC)
     jj = tl.arange(0, HC * HC)

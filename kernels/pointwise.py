@@ -28,7 +28,7 @@ def _store(ptr, value, mask, OUT_BF16: tl.constexpr):
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, D, R, ROWS_PER_ANGLE, INVERSE: tl.constexpr,
                  OUT_BF16: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)            # 64-bit offsets: tensors may exceed 2^31 elements
     angle = row // ROWS_PER_ANGLE
     x_row, y_row = x_ptr + row * D, y_ptr + row * D
     first = D - 2 * HALF
@@ -74,7 +74,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -
 @triton.jit
 def _swiglu_kernel(g_ptr, u_ptr, w_ptr, y_ptr, F, limit, CLAMP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                    BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)            # 64-bit offsets: tensors may exceed 2^31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
     g = tl.load(g_ptr + row * F + cols, mask=mask, other=0.0).to(tl.float32)
@@ -103,7 +103,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float, route_weight: torch.T
 # -- mhc_post ------------------------------------------------------------------------------------------------------
 @triton.jit
 def _mhc_post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, y_ptr, D, HC: tl.constexpr, BLOCK: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
     f = tl.load(f_ptr + token * D + cols, mask=mask, other=0.0).to(tl.float32)
@@ -130,7 +130,7 @@ def mhc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
 # -- moe_combine ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _moe_combine_kernel(out_ptr, position_ptr, shared_ptr, y_ptr, D, K: tl.constexpr, BLOCK: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
     row = tl.load(position_ptr + token * K)

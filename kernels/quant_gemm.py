@@ -63,7 +63,7 @@ def _round_e4m3(v):
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, K):
     """One row's 128-wide K block: ue8m0 scale 2^ceil(log2(max(amax, 1e-4) / 448)) and the e4m3 codes of x / scale
     (dividing by a power of two is multiplying by its exact inverse)."""
-    row, kb = tl.program_id(0), tl.program_id(1)
+    row, kb = tl.program_id(0).to(tl.int64), tl.program_id(1)    # 64-bit offsets
     ks = kb * 128 + tl.arange(0, 128)[None, :]                  # a [1, 128] tile: one row
     x = tl.load(x_ptr + row * K + ks).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)           # [1]
@@ -159,7 +159,7 @@ def _gemm_kernel(xq_ptr, xs_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row
                  M, N, K, stride_we, stride_se, blocks_per_split, DENSE: tl.constexpr, FP4: tl.constexpr,
                  EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     expert, row0, n_rows = _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE, BLOCK_M)
-    rows = row0 + tl.arange(0, BLOCK_M)
+    rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)           # 64-bit offsets: tensors may exceed 2^31 elements
     row_ok = tl.arange(0, BLOCK_M) < n_rows
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -191,17 +191,19 @@ def _gemm_kernel(xq_ptr, xs_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row
                     acc = acc + term
             else:
                 acc = acc + term
-    tl.store(y_ptr + split * M * N + rows[:, None] * N + cols[None, :], acc,
+    tl.store(y_ptr + split.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLITS, BLOCK: tl.constexpr):
     """y = partial[0] + partial[1] + ... in split order (a fixed order: deterministic), cast once to bf16."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.load(partial_ptr + i, mask=i < MN, other=0.0)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ptr = partial_ptr + i
+    acc = tl.load(ptr, mask=i < MN, other=0.0)
     for s in range(1, SPLITS):
-        acc += tl.load(partial_ptr + s * MN + i, mask=i < MN, other=0.0)
+        ptr += MN                                          # pointer steps: 64-bit however large the partials
+        acc += tl.load(ptr, mask=i < MN, other=0.0)
     tl.store(y_ptr + i, em.to_bf16(acc), mask=i < MN)
 
 

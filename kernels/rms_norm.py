@@ -19,7 +19,7 @@ BLOCK_N = 256
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, n, eps, HAS_WEIGHT: tl.constexpr, OUT_BF16: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)   # 64-bit offsets
     row_ok = rows < R
     cols64 = tl.arange(0, 64)
     acc = tl.zeros([BLOCK_R, 1, 16], tl.float32)

@@ -45,7 +45,7 @@ def _add_value_row(pv, pr, kv_base, idx_row, first, K, cols, D: tl.constexpr):
 @triton.jit
 def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, H, N, K,
                   D: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     head_ok = heads < H
     kv_base = kv_ptr + (token // S) * N * D
@@ -101,7 +101,7 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
 @triton.jit
 def _fast_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, scale, S, H, N, K, D,
                  BH: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     head_ok = heads < H
     cols = tl.arange(0, BD)
