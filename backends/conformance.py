@@ -60,6 +60,7 @@ class Report:
     environment: dict
     checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
+    kernels: dict[str, str] = field(default_factory=dict)   # op -> "backend:kernel (declared level)" checked
 
     @property
     def ok(self) -> bool:
@@ -493,7 +494,7 @@ def verify(backend: str, device: str | None = None, level: Level | str = Level.E
     table = registry.resolve(b, level)             # refuses at once if a kernel does not declare the level
     reference = registry.resolve("cpu", Level.EXACT)
     golden = load_golden() if golden is None else golden
-    report = Report(backend, str(dev), level.label, environment(dev))
+    report = Report(backend, str(dev), level.label, environment(dev), kernels=table.describe())
     start = time.perf_counter()
     report.checks += probe_device(dev, level)
     cases = list(OP_CASES.values())

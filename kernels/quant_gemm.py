@@ -233,10 +233,11 @@ def _launch(kind: str, x: torch.Tensor, counts: torch.Tensor | None, weight: tor
     y = torch.empty(t, n, dtype=torch.bfloat16, device=x.device)
     if t == 0:
         return y
-    if kind in ("exact", "invariant") or counts is not None or t <= 16:
+    rows_per_group = t if counts is None else t // counts.numel()     # grouped: the mean rows per expert
+    if kind in ("exact", "invariant") or rows_per_group < 64:
         block_m, block_n = 16, 64     # exact / invariant: one tile shape for every batch (the MMA never changes)
     else:
-        block_m, block_n = 64, 128    # fast, dense, larger batches
+        block_m, block_n = 64, 128    # fast, many rows per weight (prefill)
     if counts is None:
         zero = torch.zeros(1, dtype=torch.int32, device=x.device)
         tiles, n_tiles = (zero, zero, zero), triton.cdiv(t, block_m)

@@ -83,6 +83,9 @@ same("grouped_quant_linear exact", quant_gemm.grouped_quant_linear("exact")(*on(
 for kind in ("fast", "invariant"):
     close(f"grouped_quant_linear {kind}", "grouped_quant_linear",
           quant_gemm.grouped_quant_linear(kind)(*on(x, counts, W, S)), ref)
+counts, x = torch.tensor([150, 0, 70, 90]), torch.randn(310, 256).bfloat16()   # prefill-sized groups: large tiles
+close("grouped_quant_linear fast, large groups", "grouped_quant_linear",
+      quant_gemm.grouped_quant_linear("fast")(*on(x, counts, W, S)), C.grouped_quant_linear(x, counts, W, S))
 
 # sparse and HCA attention: empty slots, an empty chunk, a query with nothing to attend to
 for b, s, h, d, n, k in [(2, 3, 4, 128, 50, 70), (1, 2, 5, 64, 200, 130)]:
