@@ -29,7 +29,7 @@ def _compress_pool_kernel(kv_ptr, score_ptr, out_ptr, R, C, BLOCK_C: tl.constexp
         m = tl.maximum(m, tl.load(score_ptr + base + r * C, mask=col_ok, other=0.0))
     num = tl.zeros([BLOCK_C, 16], tl.float32)
     den = tl.zeros([BLOCK_C, 16], tl.float32)
-    for r in tl.range(0, R, loop_unroll_factor=4):
+    for r in range(R):
         e = em.exp(tl.load(score_ptr + base + r * C, mask=col_ok, other=0.0) - m)     # rows scored -inf weigh 0
         kv = tl.load(kv_ptr + base + r * C, mask=col_ok, other=0.0)
         lane = lanes[None, :] == r % 16

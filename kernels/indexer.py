@@ -31,9 +31,9 @@ def _scores_kernel(q_ptr, w_ptr, keys_ptr, out_ptr, S, H, N, D: tl.constexpr, BL
     lanes, cols64 = tl.arange(0, 16), tl.arange(0, 64)
     key_rows = keys_ptr + (token // S) * N * D + t * D
     heads = tl.zeros([BLOCK_T, 16], tl.float32)
-    for h in tl.range(0, H, loop_unroll_factor=4):     # unrolled: loads issue ahead of the adds
+    for h in range(H):
         dots = tl.zeros([1, BLOCK_T, 16], tl.float32)
-        for d0 in tl.static_range(0, D, 64):
+        for d0 in range(0, D, 64):
             k = tl.load(key_rows[:, None] + d0 + cols64[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
             q = tl.load(q_ptr + (token * H + h) * D + d0 + cols64).to(tl.float32)
             dots = em.add_products64(dots, q[None, :], k)

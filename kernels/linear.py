@@ -32,7 +32,7 @@ def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
     x_rows = x_ptr + (rows * G + g) * K
     w_rows = w_ptr + (g * N + cols) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N, 16], tl.float32)
-    for k0 in tl.range(0, K, 64, loop_unroll_factor=4):   # unrolled: loads issue ahead of the adds
+    for k0 in range(0, K, 64):
         k_ok = (k0 + cols64 < K)[None, :]
         x = tl.load(x_rows[:, None] + k0 + cols64[None, :], mask=row_ok[:, None] & k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows[:, None] + k0 + cols64[None, :], mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float32)

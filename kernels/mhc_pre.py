@@ -48,7 +48,7 @@ def _mhc_pre_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_pt
     acc_post = tl.zeros([HC, 1, 16], tl.float32)
     acc_comb = tl.zeros([HC * HC, 1, 16], tl.float32)
     squares = tl.zeros([1, 1, 16], tl.float32)
-    for k0 in tl.range(0, K, 64, loop_unroll_factor=4):   # unrolled: loads issue ahead of the adds
+    for k0 in range(0, K, 64):
         k = k0 + tl.arange(0, 64)
         in_k = k < K
         xk = tl.load(x_row + k, mask=in_k, other=0.0).to(tl.float32)[None, :]

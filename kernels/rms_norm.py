@@ -23,7 +23,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, n, eps, HAS_WEIGHT: tl.constexpr, O
     row_ok = rows < R
     cols64 = tl.arange(0, 64)
     acc = tl.zeros([BLOCK_R, 1, 16], tl.float32)
-    for c0 in tl.range(0, n, 64, loop_unroll_factor=4):   # unrolled: loads issue ahead of the adds
+    for c0 in range(0, n, 64):
         x = tl.load(x_ptr + rows[:, None] * n + c0 + cols64[None, :],
                     mask=row_ok[:, None] & (c0 + cols64 < n)[None, :], other=0.0).to(tl.float32)
         x0, x1, x2, x3 = em.split4(x * x)     # the four 16-column chunks, in order

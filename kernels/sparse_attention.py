@@ -60,7 +60,7 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
         valid = slots >= 0
         # scores: 16-lane sums of q * kv over D
         dots = tl.zeros([BH, 64, 16], tl.float32)
-        for d0 in tl.static_range(0, D, 64):
+        for d0 in range(0, D, 64):
             qc = tl.load(q_rows[:, None] + d0 + cols64[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
             kc = tl.load(kv_base + slots[:, None] * D + d0 + cols64[None, :], mask=valid[:, None],
                          other=0.0).to(tl.float32)
