@@ -83,12 +83,13 @@ ENTRIES: list[Entry] = [
           "MindSpeed-LLM fused_swiglu_with_limit"),
     Entry("compress_pool", "triton_compress_pool", "dsv4.kernels.compress_pool:compress_pool",
           "Triton-Ascend kernel kernels/compress_pool.py", TRITON, Level.BATCH_INVARIANT, CHIPS,
-          "only when triton-ascend is importable with an NPU target; one program per (row, channel block), the "
-          "softmax over R inside it", "kernels/compress_pool.py"),
+          "only when triton-ascend is importable with an NPU target; one program per (row, channel block); written "
+          "in the canonical order (exact on the H100), declared batch-invariant until verified on Ascend",
+          "kernels/compress_pool.py"),
     Entry("mhc_pre", "triton_mhc_pre", "dsv4.kernels.mhc_pre:mhc_pre",
           "Triton-Ascend kernel kernels/mhc_pre.py", TRITON, Level.FAST, CHIPS,
           "only when triton-ascend is importable with an NPU target; one program per token: mixes, Sinkhorn, "
-          "collapse; y can differ from the reference by one bf16 ulp (see docs/ascend.md)",
+          "collapse; written in the canonical order (exact on the H100), declared fast until verified on Ascend",
           "kernels/mhc_pre.py"),
 ]
 
