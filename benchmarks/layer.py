@@ -20,7 +20,7 @@ import torch
 
 from dsv4.backends.levels import Level
 from dsv4.backends.registry import OpTable, default_registry
-from dsv4.benchmarks.timing import limits
+from dsv4.benchmarks.timing import limits, median_us
 from dsv4.cache import KVCache
 from dsv4.config import ModelConfig, preset
 from dsv4.model import Block, Step, rope_table
@@ -96,19 +96,12 @@ def _time_step(step: Callable[[], object], iters: int) -> tuple[float, float]:
     """(median wall microseconds per step, GPU busy microseconds of one step)."""
     step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+    wall = median_us(step, iters)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     busy = sum(e.self_device_time_total for e in prof.key_averages())
-    return sorted(times)[len(times) // 2], busy
+    return wall, busy
 
 
 def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], prefills: tuple[int, ...],

@@ -26,6 +26,11 @@ def time_us(fn: Callable[[], object], iters: int = 20) -> tuple[float, bool]:
         graphed = False
         torch.cuda.synchronize()
     torch.cuda.synchronize()
+    return median_us(run, iters), graphed
+
+
+def median_us(run: Callable[[], object], iters: int) -> float:
+    """Median microseconds of `iters` calls of `run`, each between two CUDA events and a synchronisation."""
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -34,7 +39,7 @@ def time_us(fn: Callable[[], object], iters: int = 20) -> tuple[float, bool]:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2], graphed
+    return sorted(times)[len(times) // 2]
 
 
 def hbm_bandwidth(device: torch.device) -> float:
