@@ -408,9 +408,11 @@ def bench_ops(device, preset_name, batches, prefills, context, levels, json_out,
 @click.option("--kinds", default="csa,hca", show_default=True, help="Layer kinds: csa, hca, window.")
 @click.option("--exact-prefill-max", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Time the exact level on prefills up to this length (it runs on CUDA cores: slow).")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Also draw decode GPU time against batch size per level here (SVG).")
 @friendly_errors
 def bench_layer(device, preset_name, batches, prefills, context, levels, json_out, quiet, kinds,
-                exact_prefill_max):
+                exact_prefill_max, plot_out):
     """One whole layer (mHC, attention, MoE) at the preset's dimensions with random weights: decode steps and
     prefills at each level, wall and GPU time, against the weight-read floor."""
     from dsv4.benchmarks import layer
@@ -425,6 +427,11 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
                        context, _levels(levels), device, exact_prefill_max, progress=say)
     click.echo(layer.table(result))
     _write_json(result, json_out)
+    if plot_out:
+        from dsv4.benchmarks.plot import layer_decode_svg
+
+        with open(plot_out, "w") as f:
+            f.write(layer_decode_svg(result))
 
 
 @bench.command("moe")

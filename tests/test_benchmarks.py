@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from dsv4.backends.canonical import ops as canonical
-from dsv4.benchmarks import layer, ops
+from dsv4.benchmarks import layer, ops, plot
 from dsv4.backends.registry import default_registry
 from dsv4.cache import KVCache
 from dsv4.cli import main
@@ -43,3 +43,18 @@ def test_bench_without_a_gpu_is_one_clear_line(what):
     result = CliRunner().invoke(main, ["bench", what, "--device", "cpu"])
     assert result.exit_code != 0
     assert "needs --device cuda" in result.output and "Traceback" not in result.output
+
+
+def test_layer_plot_draws_one_line_per_level_and_the_floor_for_each_layer_kind():
+    import xml.etree.ElementTree as ET
+
+    rows = [{"layer": kind, "phase": "decode", "size": b, "level": level, "wall_us": 2.0 * b, "gpu_us": 10.0 * b + i,
+             "floor_us": 5.0 * b} for kind in ("csa", "hca") for b in (1, 16, 64)
+            for i, level in enumerate(("fast", "batch-invariant", "exact"))]
+    result = {"rows": rows, "preset": "v4-flash", "device": "GPU", "torch": "t", "triton": "tr", "date": "d",
+              "context": 8192}
+    svg = ET.fromstring(plot.layer_decode_svg(result))
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert sorted(line.find("{http://www.w3.org/2000/svg}title").text for line in lines) == sorted(
+        ["fast", "batch-invariant", "exact", "floor"] * 2)
+    assert all(len(line.get("points").split()) == 3 for line in lines)
