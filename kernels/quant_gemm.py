@@ -163,8 +163,8 @@ def _gemm_kernel(xq_ptr, xs_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row
     row_ok = tl.arange(0, BLOCK_M) < n_rows
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w_base = w_ptr + expert * stride_we
-    s_base = sw_ptr + expert * stride_se
+    w_base = w_ptr + expert.to(tl.int64) * stride_we       # V4-Pro's expert stack exceeds 2^31 bytes
+    s_base = sw_ptr + expert.to(tl.int64) * stride_se
     WB: tl.constexpr = 32 if FP4 else 128                  # K width of one weight-scale block
     split = tl.program_id(2)                               # this program's share of the K blocks (split-K)
     kb_first = split * blocks_per_split
