@@ -123,50 +123,72 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(ops, head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, step: Step, state: CompressorState, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Feed `x` [b, s, d] into each sequence's block state and write every completed block to `state.entries`."""
+        """Feed `x` [b, s, d] into each sequence's block state and write every completed block to `state.entries`.
+
+        All sequences at once: each one's timeline from the start of its first open block (the rows held in the state,
+        then the s new rows) is cut into blocks; the complete ones, in (sequence, block) order, are pooled."""
         m, c = self.ratio, self.head_dim
+        off = m if self.overlap else 0                                 # state rows: [previous block,] current block
         kv = self.wkv(x.float())                                       # [b, s, width] fp32
         score = self.wgate(x.float()) + self.ape[step.positions % m]   # the intra-block position bias
-        pooled_kv, pooled_score, targets = [], [], []
-        for row in range(kv.shape[0]):
-            slot, p0, s = int(step.slots[row]), int(step.start[row]), step.n_new
-            first, done = p0 // m, (p0 + s) // m                       # blocks [first, done) complete in this step
-            held = p0 - first * m                                      # tokens of block `first` already in state
-            off = m if self.overlap else 0
-            cur_kv = torch.cat([state.kv[slot, off:off + held], kv[row]])
-            cur_score = torch.cat([state.score[slot, off:off + held], score[row]])
-            for j in range(done - first):
-                rows_kv, rows_score = cur_kv[j * m:(j + 1) * m], cur_score[j * m:(j + 1) * m]
-                if self.overlap:
-                    prev_kv = state.kv[slot, :m] if j == 0 else cur_kv[(j - 1) * m:j * m]
-                    prev_score = state.score[slot, :m] if j == 0 else cur_score[(j - 1) * m:j * m]
-                    rows_kv = torch.cat([prev_kv[:, :c], rows_kv[:, c:]])
-                    rows_score = torch.cat([prev_score[:, :c], rows_score[:, c:]])
-                pooled_kv.append(rows_kv)
-                pooled_score.append(rows_score)
-                targets.append((slot, first + j))
-            if self.overlap and done > first:                          # the last complete block becomes "previous"
-                last = (done - first - 1) * m
-                state.kv[slot, :m] = cur_kv[last:last + m]
-                state.score[slot, :m] = cur_score[last:last + m]
-            tail = (p0 + s) - done * m
-            start_tail = (done - first) * m
-            state.kv[slot, off:off + tail] = cur_kv[start_tail:start_tail + tail]
-            state.score[slot, off:off + tail] = cur_score[start_tail:start_tail + tail]
-        if not targets:
+        b, s = kv.shape[:2]
+        first = step.start // m                                        # [b] the block the state holds part of
+        held = step.start - first * m                                  # [b] its tokens already in the state
+        n_done = (step.start + s) // m - first                         # [b] blocks completed in this step
+        span = -(-(m - 1 + s) // m) * m                                # the longest timeline, in whole blocks
+        i = torch.arange(span, device=x.device)
+        from_state = (i < held[:, None])[..., None]                    # [b, span, 1]
+        state_row = i.clamp(max=m - 1).expand(b, span)
+        new_row = (i - held[:, None]).clamp(0, s - 1)
+
+        def timeline(saved: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:   # -> [b, span/m, m, width]
+            rows = saved[step.slots, off:off + m]
+            picked = torch.where(from_state, _rows(rows, state_row), _rows(fresh, new_row))
+            return picked.unflatten(1, (span // m, m))
+
+        blocks_kv, blocks_score = timeline(state.kv, kv), timeline(state.score, score)
+        done = torch.arange(span // m, device=x.device) < n_done[:, None]          # [b, span/m] complete blocks
+        self._keep_open_rows(state.kv, blocks_kv, step.slots, held + s, n_done, off)
+        self._keep_open_rows(state.score, blocks_score, step.slots, held + s, n_done, off)
+        if self.overlap:   # block j pools block j-1's first c channels and its own last c
+            prev_kv = torch.cat([state.kv[step.slots, None, :m], blocks_kv[:, :-1]], dim=1)
+            prev_score = torch.cat([state.score[step.slots, None, :m], blocks_score[:, :-1]], dim=1)
+            last = (n_done - 1).clamp(min=0)
+            closed = n_done > 0                                        # the last complete block becomes "previous"
+            state.kv[step.slots[closed], :m] = blocks_kv[closed, last[closed]]
+            state.score[step.slots[closed], :m] = blocks_score[closed, last[closed]]
+            blocks_kv = torch.cat([prev_kv[..., :c], blocks_kv[..., c:]], dim=2)
+            blocks_score = torch.cat([prev_score[..., :c], blocks_score[..., c:]], dim=2)
+        pooled_kv, pooled_score = blocks_kv[done], blocks_score[done]                # [n, R, c], (sequence, block) order
+        if pooled_kv.shape[0] == 0:
             return
-        pooled = self.ops.compress_pool(torch.stack(pooled_kv), torch.stack(pooled_score))   # [n, c] fp32
+        slots = step.slots[:, None].expand_as(done)[done]
+        blocks = (first[:, None] + torch.arange(span // m, device=x.device))[done]
+        pooled = self.ops.compress_pool(pooled_kv, pooled_score)                     # [n, c] fp32
         entries = self.norm(pooled.to(torch.bfloat16))
-        block_start = torch.tensor([blk * m for _, blk in targets], device=x.device)
-        cos, sin = rope[0][block_start], rope[1][block_start]
+        cos, sin = rope[0][blocks * m], rope[1][blocks * m]
         entries = self.ops.rope(entries, cos, sin, False)
         if self.rotate:
             entries = self.ops.fake_quant(self.ops.hadamard(entries), "fp4", FP4_BLOCK)
         else:
             entries = _fake_quant_nope(self.ops, entries, self.rope_dim)
-        slots = torch.tensor([slot for slot, _ in targets], device=x.device)
-        blocks = torch.tensor([blk for _, blk in targets], device=x.device)
         state.entries[slots, blocks] = entries
+
+    @staticmethod
+    def _keep_open_rows(saved: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor, length: torch.Tensor,
+                        n_done: torch.Tensor, off: int) -> None:
+        """Write each sequence's rows after its last complete block (length - n_done*m of them) to the current-block
+        rows of its state; the other state rows keep their values."""
+        m = blocks.shape[2]
+        k = torch.arange(m, device=blocks.device)
+        tail = _rows(blocks.flatten(1, 2), (n_done[:, None] * m + k).clamp(max=blocks.shape[1] * m - 1))
+        keep = (k < (length - n_done * m)[:, None])[..., None]
+        saved[slots, off:off + m] = torch.where(keep, tail, saved[slots, off:off + m])
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [b, n, w] rows picked per sequence: out[r, i] = t[r, index[r, i]]."""
+    return t.gather(1, index[..., None].expand(*index.shape, t.shape[-1]))
 
 
 def _fake_quant_nope(ops: OpTable, kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
