@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from dsv4.backends.canonical import ops as canonical
 from dsv4.backends.levels import Level
-from dsv4.backends.registry import default_registry
+from dsv4.backends.registry import Kernel, default_registry
 from dsv4.benchmarks.timing import limits, time_us
 from dsv4.config import ModelConfig, preset
 from dsv4.formats import quantize_weight_fp4, quantize_weight_fp8
@@ -214,21 +214,19 @@ def run(preset_name: str, batches: tuple[int, ...], prefills: tuple[int, ...], c
             if ops and case.op not in ops:
                 continue
             progress(f"{case.op} {case.shape} {phase} {size}")
-            served: dict[str, list[str]] = {}
+            served: dict[Kernel, list[str]] = {}                        # kernel -> the levels it serves
             for level, table in tables.items():
-                k = table.kernels[case.op]
-                served.setdefault(f"{k.backend}:{k.name}", []).append(level.label)
+                served.setdefault(table.kernels[case.op], []).append(level.label)
             timed = {}
-            for name, level_names in served.items():
-                backend_name, kernel_name = name.split(":", 1)
-                kernel = next(k for k in registry.backend(backend_name).kernels[case.op] if k.name == kernel_name)
+            for kernel, level_names in served.items():
+                name = f"{kernel.backend}:{kernel.name}"
                 if phase == "prefill" and size > EXACT_PREFILL_MAX and kernel.level == Level.EXACT:
                     skipped.append(f"{name} {case.op} {case.shape} prefill {size}: kernels declared exact are timed "
                                    f"on prefills up to {EXACT_PREFILL_MAX} tokens (slow by design; "
                                    "see docs/benchmarks.md)")
                     continue
                 timed[name] = (_time(kernel.fn, case.args), ",".join(level_names))
-            if size <= COMPOSITE_MAX_TOKENS and "cuda:canonical" not in served:
+            if size <= COMPOSITE_MAX_TOKENS and all(k.name != "canonical" for k in served):
                 timed["composite"] = (_time(getattr(canonical, case.op), case.args), "")
             for name, fn in case.baselines.items():
                 try:

@@ -447,17 +447,12 @@ def bench_moe(device, preset_name, tokens, iters, json_out, nproc, dist_timeout)
     """Expert-parallel dispatch and combine against the raw all-gather and all-reduce on the same sizes.
 
     Needs several ranks: --nproc N, or a torchrun launch."""
-    import json
-
     from dsv4.benchmarks import moe
     from dsv4.config import preset
     from dsv4.parallel import join
 
-    try:
-        counts = tuple(int(t) for t in tokens.split(","))
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
+    counts = _sizes(tokens, "--tokens")
+    if not counts:
         raise DSV4Error(f"--tokens must be comma-separated positive integers, got {tokens!r}")
     if ranks_launched(nproc, lambda: preset(preset_name).n_routed_experts):
         return
@@ -467,9 +462,8 @@ def bench_moe(device, preset_name, tokens, iters, json_out, nproc, dist_timeout)
             raise DSV4Error("dsv4 bench moe measures collectives: run it as several ranks (--nproc N or torchrun)")
         result = moe.run(group, group.place(device), preset_name, counts, iters)
         click.echo(moe.table(result))
-        if json_out and group.rank == 0:
-            with open(json_out, "w") as f:
-                json.dump(result, f, indent=1)
+        if group.rank == 0:
+            _write_json(result, json_out)
 
 
 if __name__ == "__main__":

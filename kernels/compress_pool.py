@@ -22,7 +22,6 @@ def _compress_pool_kernel(kv_ptr, score_ptr, out_ptr, R, C, BLOCK_C: tl.constexp
     entry = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    lanes = tl.arange(0, 16)
     base = entry * R * C + cols
     m = tl.full([BLOCK_C], float("-inf"), tl.float32)
     for r in range(R):
@@ -32,9 +31,8 @@ def _compress_pool_kernel(kv_ptr, score_ptr, out_ptr, R, C, BLOCK_C: tl.constexp
     for r in range(R):
         e = em.exp(tl.load(score_ptr + base + r * C, mask=col_ok, other=0.0) - m)     # rows scored -inf weigh 0
         kv = tl.load(kv_ptr + base + r * C, mask=col_ok, other=0.0)
-        lane = lanes[None, :] == r % 16
-        den = tl.where(lane, den + e[:, None], den)
-        num = tl.where(lane, num + (e * kv)[:, None], num)
+        den = em.add_to_lane(den, e, r)
+        num = em.add_to_lane(num, e * kv, r)
     pooled = em.div(tl.reshape(em.lane_tree(tl.reshape(num, (BLOCK_C, 1, 16))), (BLOCK_C,)),
                     tl.reshape(em.lane_tree(tl.reshape(den, (BLOCK_C, 1, 16))), (BLOCK_C,)))
     tl.store(out_ptr + entry * C + cols, pooled, mask=col_ok)

@@ -82,6 +82,12 @@ def add_products64(acc, a, b):
 
 
 @triton.jit
+def add_to_lane(acc, value, i):
+    """acc [A, 16] lane accumulators with value [A] added to lane i % 16: term i of a lane sum, in order."""
+    return tl.where(tl.arange(0, 16)[None, :] == i % 16, acc + value[:, None], acc)
+
+
+@triton.jit
 def div(a, b):
     """Correctly rounded a / b (both fp32 tensors of one shape)."""
     return tl.math.div_rn(a, b)
@@ -172,3 +178,12 @@ def to_bf16(x):
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
     return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store(ptr, value, mask, OUT_BF16: tl.constexpr):
+    """Store fp32 `value` as bf16 (rounded by `to_bf16`) or as fp32, as the output tensor's dtype asks."""
+    if OUT_BF16:
+        tl.store(ptr, to_bf16(value), mask=mask)
+    else:
+        tl.store(ptr, value, mask=mask)

@@ -28,7 +28,7 @@ def _scores_kernel(q_ptr, w_ptr, keys_ptr, out_ptr, S, H, N, D: tl.constexpr, BL
     token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < N
-    lanes, cols64 = tl.arange(0, 16), tl.arange(0, 64)
+    cols64 = tl.arange(0, 64)
     key_rows = keys_ptr + (token // S) * N * D + t * D
     heads = tl.zeros([BLOCK_T, 16], tl.float32)
     for h in range(H):
@@ -39,7 +39,7 @@ def _scores_kernel(q_ptr, w_ptr, keys_ptr, out_ptr, S, H, N, D: tl.constexpr, BL
             dots = em.add_products64(dots, q[None, :], k)
         dot = tl.reshape(em.lane_tree(dots), (BLOCK_T,))
         term = tl.maximum(dot, 0.0) * tl.load(w_ptr + token * H + h)
-        heads = tl.where(lanes[None, :] == h % 16, heads + term[:, None], heads)
+        heads = em.add_to_lane(heads, term, h)
     score = tl.reshape(em.lane_tree(tl.reshape(heads, (BLOCK_T, 1, 16))), (BLOCK_T,))
     tl.store(out_ptr + token * N + t, score, mask=t_ok)
 

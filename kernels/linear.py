@@ -40,10 +40,7 @@ def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
     y = em.lane_tree(acc)
     out = y_ptr + (rows[:, None] * G + g) * N + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    if OUT_BF16:
-        tl.store(out, em.to_bf16(y), mask=mask)
-    else:
-        tl.store(out, y, mask=mask)
+    em.store(out, y, mask, OUT_BF16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

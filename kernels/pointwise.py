@@ -16,14 +16,6 @@ from dsv4.kernels import exact_math as em
 BLOCK = 1024        # elements of a row handled per program step
 
 
-@triton.jit
-def _store(ptr, value, mask, OUT_BF16: tl.constexpr):
-    if OUT_BF16:
-        tl.store(ptr, em.to_bf16(value), mask=mask)
-    else:
-        tl.store(ptr, value, mask=mask)
-
-
 # -- rope ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, D, R, ROWS_PER_ANGLE, INVERSE: tl.constexpr,
@@ -41,8 +33,8 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, D, R, ROWS_PER_ANGLE, INVERSE: 
         a2, b2 = a * c + b * s, b * c - a * s
     else:
         a2, b2 = a * c - b * s, a * s + b * c
-    _store(y_row + first + 2 * i, a2, i < HALF, OUT_BF16)
-    _store(y_row + first + 2 * i + 1, b2, i < HALF, OUT_BF16)
+    em.store(y_row + first + 2 * i, a2, i < HALF, OUT_BF16)
+    em.store(y_row + first + 2 * i + 1, b2, i < HALF, OUT_BF16)
     for p0 in range(0, first, PASS):           # the dims before the rotated ones pass through
         j = p0 + tl.arange(0, PASS)
         tl.store(y_row + j, tl.load(x_row + j, mask=j < first), mask=j < first)

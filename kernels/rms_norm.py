@@ -40,10 +40,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, n, eps, HAS_WEIGHT: tl.constexpr, O
         y = tl.load(x_ptr + rows[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv[:, None]
         if HAS_WEIGHT:
             y = tl.load(w_ptr + cols, mask=cols < n, other=0.0)[None, :] * y
-        if OUT_BF16:
-            tl.store(y_ptr + rows[:, None] * n + cols[None, :], em.to_bf16(y), mask=mask)
-        else:
-            tl.store(y_ptr + rows[:, None] * n + cols[None, :], y, mask=mask)
+        em.store(y_ptr + rows[:, None] * n + cols[None, :], y, mask, OUT_BF16)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -74,11 +74,7 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
             l = l * corr + em.lane_sum_rows4(p)
             m = m_new
             # the value sum over the 64 slots: lane i takes slots i, i+16, i+32, i+48 (in that order)
-            pb = tl.reshape(tl.permute(tl.reshape(em.to_bf16(p).to(tl.float32), (BH, 4, 16)), (0, 2, 1)),
-                            (BH, 16, 2, 2))
-            even, odd = tl.split(pb)
-            p0, p2 = tl.split(even)
-            p1, p3 = tl.split(odd)
+            p0, p1, p2, p3 = em.split4(em.to_bf16(p).to(tl.float32))
             for dd in range(0, D, BD):
                 cols = dd + tl.arange(0, BD)
                 pv = tl.zeros([BH, BD, 16], tl.float32)
