@@ -147,7 +147,8 @@ class Compressor(nn.Module):
             return picked.unflatten(1, (span // m, m))
 
         blocks_kv, blocks_score = timeline(state.kv, kv), timeline(state.score, score)
-        done = torch.arange(span // m, device=x.device) < n_done[:, None]          # [b, span/m] complete blocks
+        j = torch.arange(span // m, device=x.device)                               # block index in a timeline
+        done = j < n_done[:, None]                                                  # [b, span/m] complete blocks
         self._keep_open_rows(state.kv, blocks_kv, step.slots, held + s, n_done, off)
         self._keep_open_rows(state.score, blocks_score, step.slots, held + s, n_done, off)
         if self.overlap:   # block j pools block j-1's first c channels and its own last c
@@ -163,7 +164,7 @@ class Compressor(nn.Module):
         if pooled_kv.shape[0] == 0:
             return
         slots = step.slots[:, None].expand_as(done)[done]
-        blocks = (first[:, None] + torch.arange(span // m, device=x.device))[done]
+        blocks = (first[:, None] + j)[done]
         pooled = self.ops.compress_pool(pooled_kv, pooled_score)                     # [n, c] fp32
         entries = self.norm(pooled.to(torch.bfloat16))
         cos, sin = rope[0][blocks * m], rope[1][blocks * m]
