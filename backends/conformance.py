@@ -30,7 +30,9 @@ from dsv4.backends.canonical.primitives import counter_uniform
 from dsv4.backends.levels import Level
 from dsv4.backends.registry import OpTable, Registry, default_registry
 from dsv4.errors import DSV4Error
-from dsv4.formats import quantize_weight_fp4, quantize_weight_fp8
+from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK
+from dsv4.cache import PagedRows
+from dsv4.formats import fake_quant, quantize_weight_fp4, quantize_weight_fp8
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "digests.json"
 DEFAULT_PRESETS = ("tiny",)
@@ -188,14 +190,32 @@ def _op_cases() -> list[OpCase]:
         counts = torch.bincount(torch.tensor([seeds[i] % 4 for i in order], dtype=torch.int64), minlength=4)
         return _rows([seeds[i] for i in order], (256,), -3, 3, bf), counts, gw, gs
 
+    # Paged storage shared by every row of a batch, as the cache is: values on the storage grid (FP8 KV with a bf16
+    # RoPE tail, FP4 indexer keys), rows addressed through per-sequence block tables.
+    def fp8_kv(seed, rows):   # 64 FP8 dims, then 64 RoPE dims kept in bf16
+        v = uniform(seed, (rows, 128), -2, 2).to(bf)
+        return torch.cat([fake_quant(v[:, :64], "fp8", KV_FP8_BLOCK), v[:, 64:]], dim=-1)
+
+    attn_kv = PagedRows.holding(fp8_kv(1, 80), "fp8", KV_FP8_BLOCK, 64)
+    hca_kv = PagedRows.holding(fp8_kv(2, 48), "fp8", KV_FP8_BLOCK, 64, pool_base=16, entries_per_block=2)
+    index_keys = PagedRows.holding(fake_quant(uniform(3, (64, 128), -1, 1).to(bf), "fp4", FP4_BLOCK), "fp4",
+                                   FP4_BLOCK, 0, entries_per_block=8)
+
+    def block_tables(seeds, n_blocks):   # a permutation of the pool's blocks per sequence
+        return torch.stack([torch.argsort(uniform(s + 4, (n_blocks,)), stable=True) for s in seeds]).int()
+
     def indexer(seeds):
         n_visible = torch.tensor([[3 + s % 37] for s in seeds])
-        return (_rows(seeds, (1, 4, 128), -1, 1, bf), _rows([s + 1 for s in seeds], (1, 4), 0, 1),
-                _rows([s + 2 for s in seeds], (40, 128), -1, 1, bf), n_visible, 8)
+        return (_rows(seeds, (1, 4, 128), -1, 1, bf), _rows([s + 1 for s in seeds], (1, 4), 0, 1), index_keys,
+                block_tables(seeds, 8), n_visible, 8)
 
-    def attention_idx(seeds, n_keys, width):
-        idx = (_rows(seeds, (1, width), 0, n_keys) ).long()
-        return torch.where(_rows([s + 9 for s in seeds], (1, width), 0, 1) < 0.2, -1, idx)
+    def fresh(seeds):
+        return torch.stack([fp8_kv(s + 5, 1) for s in seeds])
+
+    def attention_idx(seeds, n_keys, width, fresh_row):   # this step's row first, then stored rows and empty slots
+        idx = (_rows(seeds, (1, width), 0, n_keys)).long()
+        idx = torch.where(_rows([s + 9 for s in seeds], (1, width), 0, 1) < 0.2, -1, idx)
+        return torch.cat([torch.full((len(seeds), 1, 1), fresh_row, dtype=torch.long), idx], -1)
 
     def experts(seeds, k=2, e=8):   # k distinct experts per row, from the portable generator
         return torch.stack([torch.argsort(uniform(s, (e,)), stable=True)[:k] for s in seeds])
@@ -222,11 +242,9 @@ def _op_cases() -> list[OpCase]:
                         float("-inf"), _rows([x + 1 for x in s], (8, 128), -3, 3)))),
         OpCase("indexer_topk", "indexer_topk", indexer),
         OpCase("sparse_attention", "sparse_attention", lambda s: (
-            _rows(s, (1, 4, 128), -1, 1, bf), _rows([x + 1 for x in s], (80, 128), -2, 2, bf),
-            torch.cat([torch.zeros(len(s), 1, 1, dtype=torch.long), attention_idx(s, 80, 23)], -1), sink, 128 ** -0.5)),
+            _rows(s, (1, 4, 128), -1, 1, bf), attn_kv, fresh(s), attention_idx(s, 80, 23, 80), sink, 128 ** -0.5)),
         OpCase("hca_attention", "hca_attention", lambda s: (
-            _rows(s, (1, 4, 128), -1, 1, bf), _rows([x + 1 for x in s], (48, 128), -2, 2, bf),
-            torch.cat([torch.zeros(len(s), 1, 1, dtype=torch.long), attention_idx(s, 17, 15)], -1), 17,
+            _rows(s, (1, 4, 128), -1, 1, bf), hca_kv, fresh(s), attention_idx(s, 16, 15, 48), block_tables(s, 16),
             torch.tensor([[x % 32] for x in s]), sink, 128 ** -0.5)),
         OpCase("mhc_pre", "mhc_pre", lambda s: (
             _rows(s, (1, 4, 256), -2, 2, bf), uniform(6, (24, 1024), -.05, .05), uniform(7, (3,), 0.5, 1.5),
@@ -262,7 +280,7 @@ OP_CASES = {case.name: case for case in _op_cases()}
 
 
 def _to(args: tuple, device: torch.device) -> tuple:
-    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple(a.to(device) if isinstance(a, (torch.Tensor, PagedRows)) else a for a in args)
 
 
 def _row(out, i: int):

@@ -83,26 +83,29 @@ CONTRACTS: dict[str, OpContract] = {c.name: c for c in [
         "kv. Canonical: m = max; e = exp(score - m); den = lanesum_R(e); num = lanesum_R(e * kv); num / den.", **_FP32),
     OpContract(
         "indexer_topk",
-        "indexer_topk(q[b, s, H, d] bf16, weights[b, s, H] fp32, keys[b, T, d] bf16, n_visible[b, s] int64, k) "
-        "-> [b, s, k] int64",
-        "Score S[t] = sum_h relu(<q_h, keys_t>) * weights_h for t < n_visible; select the min(k, n_visible) best "
-        "(ties: lower t first); return them in ascending t, padded with -1. Canonical: dots lanesum over d, "
-        "relu, times weight, lanesum over H.", atol=0.0, rtol=0.0, exact_only_output=True),
+        "indexer_topk(q[b, s, H, d] bf16, weights[b, s, H] fp32, keys: PagedRows (fp4), block_table[b, nb] int32, "
+        "n_visible[b, s] int64, k) -> [b, s, k] int64",
+        "Key t of sequence i is the bf16 vector stored at keys.entry_rows(block_table, t) (dsv4.cache). Score "
+        "S[t] = sum_h relu(<q_h, key_t>) * weights_h for t < n_visible; select the min(k, n_visible) best (ties: "
+        "lower t first); return them in ascending t, padded with -1. Canonical: dots lanesum over d, relu, times "
+        "weight, lanesum over H.", atol=0.0, rtol=0.0, exact_only_output=True),
     OpContract(
         "sparse_attention",
-        "sparse_attention(q[b, s, H, D] bf16, kv[b, N, D] bf16, idx[b, s, K] int64, sink[H] fp32, scale) "
-        "-> [b, s, H, D] bf16",
-        "Single shared K=V head. For each query and head over valid idx (>= 0), in idx order: s_j = scale*<q, kv_j>; "
-        "o = sum_j exp(s_j - M) kv_j / (sum_j exp(s_j - M) + exp(sink - M)), M = max_j s_j. Canonical: dots "
-        "lanesum over D; online softmax over chunks of ATTENTION_CHUNK slots (running max, rescale by exp(m-m'), "
-        "chunk sums by lanesum); probabilities are rounded to bf16 for the value sum (as the reference kernel) "
-        "but not for the denominator; one division and cast at the end.", **_BF16),
+        "sparse_attention(q[b, s, H, D] bf16, kv: PagedRows (fp8 + bf16 rope), fresh[b, f, D] bf16, idx[b, s, K] "
+        "int64, sink[H] fp32, scale) -> [b, s, H, D] bf16",
+        "Single shared K=V head. Slot value r < R = kv.rows is the stored row r decoded to bf16; R + j is "
+        "fresh[i, j] (this step's rows of sequence i); -1 is empty. For each query and head over the valid slots, "
+        "in idx order: s_j = scale*<q, kv_j>; o = sum_j exp(s_j - M) kv_j / (sum_j exp(s_j - M) + exp(sink - M)), "
+        "M = max_j s_j. Canonical: dots lanesum over D; online softmax over chunks of ATTENTION_CHUNK slots "
+        "(running max, rescale by exp(m-m'), chunk sums by lanesum); probabilities are rounded to bf16 for the value "
+        "sum (as the reference kernel) but not for the denominator; one division and cast at the end.", **_BF16),
     OpContract(
         "hca_attention",
-        "hca_attention(q[b, s, H, D] bf16, kv[b, N, D] bf16, window_idx[b, s, W] int64, comp_offset: int, "
-        "n_comp[b, s] int64, sink[H] fp32, scale) -> [b, s, H, D] bf16",
-        "sparse_attention over the index list window_idx followed by comp_offset + 0 .. n_comp-1 (every visible "
-        "compressed entry, in order). Same canonical order as sparse_attention over that list.", **_BF16),
+        "hca_attention(q[b, s, H, D] bf16, kv: PagedRows, fresh[b, f, D] bf16, window_idx[b, s, W] int64, "
+        "block_table[b, nb] int32, n_comp[b, s] int64, sink[H] fp32, scale) -> [b, s, H, D] bf16",
+        "sparse_attention over the index list window_idx followed by kv.entry_rows(block_table, j) for j = 0 .. "
+        "n_comp-1 (every visible compressed entry, in order). Same canonical order as sparse_attention over that "
+        "list.", **_BF16),
     OpContract(
         "mhc_pre",
         "mhc_pre(x[b, s, hc, d] bf16, fn[(2+hc)*hc, hc*d] fp32, scale[3] fp32, base[(2+hc)*hc] fp32, norm_eps, "

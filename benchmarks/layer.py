@@ -23,7 +23,7 @@ from dsv4.backends.registry import OpTable, default_registry
 from dsv4.benchmarks.timing import limits, median_us
 from dsv4.cache import KVCache
 from dsv4.config import ModelConfig, preset
-from dsv4.model import Block, Step, rope_table
+from dsv4.model import Block, rope_table
 
 LAYER_KINDS = {"csa": 4, "hca": 128, "window": 0}
 
@@ -85,11 +85,13 @@ def weight_bytes(block: Block, config: ModelConfig, batch: int) -> int:
 
 
 def _fill_cache(cache: KVCache) -> None:
+    """Random stored rows (window rings and compressed entries) in every layer."""
     for layer in cache.layers:
-        layer.window.normal_()
-        for state in (layer.compressor, layer.indexer):
-            if state is not None:
-                state.entries.normal_()
+        stores = [layer.kv] + ([layer.indexer.entries] if layer.indexer is not None else [])
+        for store in stores:
+            store.codes.copy_((torch.randn(store.codes.shape, device=store.codes.device)).to(store.codes.dtype)
+                              if store.fmt == "fp8" else torch.randint_like(store.codes, 0, 256))
+            store.tail.normal_()
 
 
 def _time_step(step: Callable[[], object], iters: int) -> tuple[float, float]:
@@ -123,8 +125,7 @@ def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], pref
             cache = KVCache(config, b, dev)
             _fill_cache(cache)
             start = context if phase == "decode" else 0
-            step = Step(start=torch.full((b,), start, device=dev), slots=torch.arange(b, device=dev), cache=cache,
-                        n_new=s)
+            step = cache.step([start] * b, list(range(b)), s)
             h = torch.randn(b, s, config.hc_mult, config.dim, device=dev).bfloat16()
             tokens = torch.randint(0, config.vocab_size, (b, s), device=dev)
             floor = weight_bytes(block, config, b) / hw["hbm_bytes_per_s"] * 1e6 if phase == "decode" else 0.0

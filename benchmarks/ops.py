@@ -23,7 +23,9 @@ from dsv4.backends.canonical import ops as canonical
 from dsv4.backends.levels import Level
 from dsv4.backends.registry import Kernel, default_registry
 from dsv4.benchmarks.timing import limits, time_us
-from dsv4.config import ModelConfig, preset
+from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK
+from dsv4.cache import PagedRows, blocks_for, index_key_rows, kv_rows
+from dsv4.config import CACHE_BLOCK, CSA_RATIO, ModelConfig, preset
 from dsv4.formats import quantize_weight_fp4, quantize_weight_fp8
 
 COMPOSITE_MAX_TOKENS = 16      # the torch composite is timed up to this many tokens (it is slow by design)
@@ -78,6 +80,40 @@ def _dense_attention(q: torch.Tensor, keys: torch.Tensor) -> Callable[[], torch.
     return lambda: F.scaled_dot_product_attention(q_rows, kv, kv)
 
 
+@dataclass
+class LayerStorage:
+    """One layer's paged KV storage for `b` sequences of equal length, filled with random codes."""
+    kv: PagedRows
+    keys: PagedRows | None
+    block_table: torch.Tensor
+
+
+def random_layer_storage(c: ModelConfig, b: int, length: int, ratio: int, device: torch.device) -> LayerStorage:
+    """Ring rows for b sequences, then a pool where sequence i owns its own blocks (block 0 stays the null block)."""
+    nb = blocks_for(length) + 1
+    epb = CACHE_BLOCK // ratio
+    table = (1 + torch.arange(b * nb, device=device)).view(b, nb).int()
+    pool = (b * nb + 1) * epb
+    kv = kv_rows(c, b * c.window_size, pool, epb, device)
+    kv.codes.copy_(torch.randn(kv.codes.shape, device=device).to(kv.codes.dtype))
+    kv.tail.normal_()
+    keys = None
+    if ratio == CSA_RATIO:
+        keys = index_key_rows(c, pool, epb, device)
+        keys.codes.copy_(torch.randint(0, 256, keys.codes.shape, device=device, dtype=torch.uint8))
+    return LayerStorage(kv, keys, table)
+
+
+def kv_row_bytes(c: ModelConfig) -> int:
+    """Bytes of one cached KV row: FP8 codes and fp32 scales of the non-RoPE dims, bf16 RoPE dims."""
+    return c.nope_head_dim + c.nope_head_dim // KV_FP8_BLOCK * 4 + c.rope_head_dim * 2
+
+
+def _window_rows(b: int, s: int, W: int, device: torch.device) -> torch.Tensor:
+    """Each query's window: random ring rows of its own sequence (sequence i owns rows i*W .. i*W + W-1)."""
+    return torch.arange(b, device=device).view(b, 1, 1) * W + torch.randint(0, W, (b, s, W), device=device)
+
+
 def gemm_shapes(c: ModelConfig) -> list[tuple[str, int, int, str]]:
     """(label, N, K, format) of the dense quantised linears of one layer (FP8)."""
     return [("wq_a", c.q_lora_rank, c.dim, "fp8"), ("wq_b", c.n_heads * c.head_dim, c.q_lora_rank, "fp8"),
@@ -126,39 +162,43 @@ def cases(c: ModelConfig, phase: str, size: int, context: int, device: torch.dev
         yield case("grouped_quant_linear", f"{label} {E}x{n}x{k} {c.expert_dtype}", (x, counts.to(device), weight, scale),
             hit * per_expert + _nbytes(x) + rows * n * 2, 2 * rows * n * k, cublas_bf16=cublas)
 
-    # attention: CSA (window + indexer top-k) and HCA (window + every compressed entry)
+    # attention: CSA (window + indexer top-k) and HCA (window + every compressed entry), reading the paged cache
     H, D, W = c.n_heads, c.head_dim, c.window_size
     q = _bf16(b, s, H, D, device=device)
     sink = torch.zeros(H, device=device)
     scale = D ** -0.5
-    n_comp = min(c.index_topk, context // 4) if phase == "decode" else c.index_topk
-    n_keys = W + s + (context + s) // 4
-    kv = _bf16(b, n_keys, D, device=device)
-    idx = torch.randint(0, n_keys, (b, s, W + n_comp), device=device)
-    read = b * s * (W + n_comp) * D * 2 if phase == "decode" else _nbytes(kv)
-    yield case("sparse_attention", f"csa H={H} D={D} keys={W + n_comp}", (q, kv, idx, sink, scale),
+    held = context if phase == "decode" else 0                          # positions cached before this step
+    fresh = _bf16(b, s, D, device=device)
+    window = _window_rows(b, s, W, device)
+    csa = random_layer_storage(c, b, held + s, CSA_RATIO, device)
+    n_entries = (held + s) // CSA_RATIO
+    n_comp = min(c.index_topk, n_entries)
+    selected = csa.kv.entry_rows(csa.block_table, torch.randint(0, max(1, n_entries), (b, s, n_comp), device=device))
+    idx = torch.cat([window, selected], dim=-1)
+    row = kv_row_bytes(c)
+    read = b * s * (W + n_comp) * row if phase == "decode" else b * (held + s) * row
+    yield case("sparse_attention", f"csa H={H} D={D} keys={W + n_comp}", (q, csa.kv, fresh, idx, sink, scale),
                2 * _nbytes(q) + _nbytes(idx) + read, 4 * b * s * H * (W + n_comp) * D,
-               sdpa=_dense_attention(q, kv[:, :W + n_comp]))
-    n_comp = (context + s) // 128
-    kv = _bf16(b, W + s + n_comp, D, device=device)
-    window = torch.randint(0, W + s, (b, s, W), device=device)
-    visible = torch.full((b, s), n_comp, device=device) if phase == "decode" else \
-        ((torch.arange(s, device=device) + 1) // 128).expand(b, s)
-    read = b * s * (W + n_comp) * D * 2 if phase == "decode" else _nbytes(kv)
-    yield case("hca_attention", f"hca H={H} D={D} keys={W + n_comp}", (q, kv, window, W + s, visible, sink, scale),
+               sdpa=_dense_attention(q, _bf16(b, W + n_comp, D, device=device)))
+    hca_ratio = max(r for r in c.compress_ratios)
+    hca = random_layer_storage(c, b, held + s, hca_ratio, device)
+    n_comp = (held + s) // hca_ratio
+    visible = ((held + torch.arange(s, device=device) + 1) // hca_ratio).expand(b, s)
+    read = b * s * (W + n_comp) * row if phase == "decode" else b * (W + n_comp) * row
+    yield case("hca_attention", f"hca H={H} D={D} keys={W + n_comp}",
+               (q, hca.kv, fresh, window, hca.block_table, visible, sink, scale),
                2 * _nbytes(q) + _nbytes(window) + read, 4 * b * s * H * (W + n_comp) * D,
-               sdpa=_dense_attention(q, kv[:, :W + n_comp]))
+               sdpa=_dense_attention(q, _bf16(b, W + n_comp, D, device=device)))
 
-    # lightning indexer over the visible compressed entries
+    # lightning indexer over the visible compressed entries (FP4 keys in the paged pool)
     Hi, Di = c.index_n_heads, c.index_head_dim
-    n_entries = (context + s) // 4
-    iq, keys = _bf16(b, s, Hi, Di, device=device), _bf16(b, n_entries, Di, device=device)
+    iq = _bf16(b, s, Hi, Di, device=device)
     weights = torch.randn(b, s, Hi, device=device)
-    visible = torch.full((b, s), n_entries, device=device) if phase == "decode" else \
-        ((torch.arange(s, device=device) + 1) // 4).expand(b, s)
+    visible = ((held + torch.arange(s, device=device) + 1) // CSA_RATIO).expand(b, s)
+    key_bytes = Di // 2 + Di // FP4_BLOCK * 4
     yield case("indexer_topk", f"H={Hi} d={Di} entries={n_entries} k={c.index_topk}",
-        (iq, weights, keys, visible, c.index_topk), _nbytes(iq, keys, weights),
-        2 * b * s * Hi * n_entries * Di)
+        (iq, weights, csa.keys, csa.block_table, visible, c.index_topk),
+        _nbytes(iq, weights) + b * n_entries * key_bytes, 2 * b * s * Hi * n_entries * Di)
 
     # the small ops of a layer
     x = _bf16(tokens, c.dim, device=device)

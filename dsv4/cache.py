@@ -1,35 +1,133 @@
-"""The heterogeneous KV cache: per layer and per sequence slot, what DeepSeek-V4 keeps between steps.
+"""The heterogeneous KV cache, paged: what DeepSeek-V4 keeps between steps, and where each piece lives.
 
-- every layer: a ring buffer of the last `window_size` KV vectors (position p at slot p % window), bf16;
-- compressed layers (ratio 4 or 128): the compressed KV entries in block order, bf16, and the compressor's block
-  state (fp32 rows of the previous and the current, partly filled block, with their scores);
-- CSA layers (ratio 4): the lightning indexer's compressed keys and its own compressor state.
+Per layer (and per MTP layer):
+- the window ring: the last `window_size` KV vectors of each sequence slot (position p in ring row p % window);
+- compressed layers (ratio 4 or 128): the compressed KV entries, in a pool of fixed-size blocks shared by all
+  sequences; a block covers CACHE_BLOCK positions, so it holds CACHE_BLOCK / ratio entries of a layer (64 for CSA,
+  2 for HCA). A per-sequence block table maps a sequence's logical block i to a physical block; one table serves
+  every layer (as vLLM's V4 layout does), so memory is taken block by block as sequences grow, and a configured
+  context of up to 1M tokens costs nothing until it is used;
+- the compressors' open-block state (fp32 rows of the previous and the current, partly filled block, with their
+  scores), per sequence slot;
+- CSA layers: the lightning indexer's compressed keys, paged like the entries, and its own compressor state.
 
-A slot is reset when a new sequence takes it, so no state leaks from one request to the next (the reference never
-resets its compressor state between prompts).
+Storage is what the model has already rounded (dsv4.formats): the non-RoPE part of every attention KV vector is
+FP8 e4m3 codes with a power-of-two scale per KV_FP8_BLOCK values, the RoPE part bf16; indexer keys are FP4 e2m1
+codes with a scale per FP4_BLOCK. Decoding gives back the bf16 values bit for bit (tests/test_cache.py), at half
+(KV) and a third (indexer keys) of the bf16 bytes.
+
+Row layout of a layer's KV storage: the ring rows of every slot first (slot * window + p % window), then the
+pool (pool_base + block * entries_per_block + entry % entries_per_block). Physical block 0 is the null block:
+unassigned table entries point at it, so a kernel may read any table entry without a bounds check (what it reads
+there is never visible). Slot `slots` (one past the last) is the scratch slot that pads a batch to a fixed size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.config import ModelConfig
+from dsv4 import formats
+from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK
+from dsv4.config import CACHE_BLOCK, CSA_RATIO, ModelConfig
+from dsv4.errors import DSV4Error
+
+NULL_BLOCK = 0           # the physical block that unassigned table entries point at
+
+
+@dataclass
+class PagedRows:
+    """Cached vectors of one layer in their storage format: quantised `codes` with block scales, then an unquantised
+    bf16 `tail` (the RoPE dims of attention KV; empty for indexer keys). Row r decodes to
+    cat(codes[r] * scale[r] per `block` values, tail[r]) in bf16."""
+    codes: torch.Tensor          # [R, n] float8_e4m3fn ('fp8') or [R, n/2] uint8 packed e2m1 ('fp4')
+    scale: torch.Tensor          # [R, n / block] fp32 powers of two
+    tail: torch.Tensor           # [R, t] bf16
+    fmt: str
+    block: int
+    pool_base: int               # first pool row (the ring rows come before it)
+    entries_per_block: int       # compressed entries per cache block (0: no pool)
+
+    @classmethod
+    def empty(cls, ring_rows: int, pool_rows: int, quantised: int, tail: int, fmt: str, block: int,
+              entries_per_block: int, device: torch.device) -> "PagedRows":
+        rows = ring_rows + pool_rows
+        width = quantised if fmt == "fp8" else quantised // 2
+        dtype = torch.float8_e4m3fn if fmt == "fp8" else torch.uint8
+        return cls(codes=torch.zeros(rows, width, dtype=dtype, device=device),
+                   scale=torch.ones(rows, quantised // block, device=device),
+                   tail=torch.zeros(rows, tail, dtype=torch.bfloat16, device=device),
+                   fmt=fmt, block=block, pool_base=ring_rows, entries_per_block=entries_per_block)
+
+    @classmethod
+    def holding(cls, values: torch.Tensor, fmt: str, block: int, tail: int, pool_base: int = 0,
+                entries_per_block: int = 0) -> "PagedRows":
+        """Storage holding values [R, width] bf16 (already on the storage grid) in rows 0 .. R-1."""
+        rows, width = values.shape
+        store = cls.empty(pool_base, rows - pool_base, width - tail, tail, fmt, block, entries_per_block,
+                          values.device)
+        store.write(torch.arange(rows, device=values.device), values)
+        return store
+
+    def to(self, device: torch.device | str) -> "PagedRows":
+        return dataclasses.replace(self, codes=self.codes.to(device), scale=self.scale.to(device),
+                                   tail=self.tail.to(device))
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def width(self) -> int:
+        """The decoded vector's length."""
+        return self.scale.shape[1] * self.block + self.tail.shape[1]
+
+    def entry_rows(self, block_table: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """Storage rows of compressed entries: block_table [b, nb] int32, entries [b, ...] int64 logical entry ids
+        (-1: none, kept as -1)."""
+        epb = self.entries_per_block
+        b = entries.shape[0]
+        flat = entries.reshape(b, -1)
+        blocks = block_table.long().gather(1, (flat.clamp(min=0) // epb).clamp(max=block_table.shape[1] - 1))
+        rows = self.pool_base + blocks * epb + flat.clamp(min=0) % epb
+        return torch.where(flat >= 0, rows, -1).view(entries.shape)
+
+    def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Store bf16 vectors values [..., width] at rows [...] (values already rounded to the storage grid)."""
+        n = self.scale.shape[1] * self.block
+        flat_rows, flat = rows.reshape(-1), values.reshape(-1, values.shape[-1])
+        codes, scale = formats.quantize_blocks(flat[:, :n], self.fmt, self.block)
+        if self.fmt == "fp4":
+            codes = formats.pack_fp4(codes).view(torch.uint8)
+        self.codes[flat_rows] = codes
+        self.scale[flat_rows] = scale
+        self.tail[flat_rows] = flat[:, n:].to(torch.bfloat16)
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """The bf16 vectors [..., width] stored at rows [...] (every index must be a valid row)."""
+        flat = rows.reshape(-1)
+        codes = self.codes[flat]
+        if self.fmt == "fp4":
+            codes = formats.unpack_fp4_codes(codes)
+        values = formats.dequantize_blocks(codes, self.scale[flat], self.fmt, self.block)
+        return torch.cat([values, self.tail[flat]], dim=-1).view(*rows.shape, self.width)
 
 
 @dataclass
 class CompressorState:
-    kv: torch.Tensor        # [slots, (1+overlap)*ratio, width] fp32: rows of the previous block, then the current one
+    """A compressor's open-block rows per sequence slot; its completed entries live in the layer's paged rows."""
+    kv: torch.Tensor        # [slots + 1, (1+overlap)*ratio, width] fp32: rows of the previous block, then the current
     score: torch.Tensor     # same shape; scores with the position bias added, -inf where nothing was written
-    entries: torch.Tensor   # [slots, max_seq_len // ratio, head_dim] bf16: completed compressed entries
+    entries: PagedRows      # where completed entries are stored
 
     @classmethod
-    def empty(cls, slots: int, ratio: int, head_dim: int, max_seq_len: int, device: torch.device) -> "CompressorState":
-        overlap = ratio == 4
+    def empty(cls, slots: int, ratio: int, head_dim: int, entries: PagedRows,
+              device: torch.device) -> "CompressorState":
+        overlap = ratio == CSA_RATIO
         rows, width = (1 + overlap) * ratio, (1 + overlap) * head_dim
         return cls(kv=torch.zeros(slots, rows, width, device=device),
-                   score=torch.full((slots, rows, width), float("-inf"), device=device),
-                   entries=torch.zeros(slots, max_seq_len // ratio, head_dim, dtype=torch.bfloat16, device=device))
+                   score=torch.full((slots, rows, width), float("-inf"), device=device), entries=entries)
 
     def reset(self, slot: int) -> None:
         self.kv[slot] = 0
@@ -38,38 +136,129 @@ class CompressorState:
 
 @dataclass
 class LayerCache:
-    window: torch.Tensor                     # [slots, window_size, head_dim] bf16 ring buffer
-    compressor: CompressorState | None       # ratio > 0
-    indexer: CompressorState | None          # ratio == 4
+    kv: PagedRows                            # window ring rows, then the compressed entries' pool (ratio > 0)
+    window: int
+    compressor: CompressorState | None       # ratio > 0; its entries are `kv`'s pool
+    indexer: CompressorState | None          # ratio == 4; its entries: FP4 indexer keys, pool only
+
+
+def kv_rows(config: ModelConfig, ring_rows: int, pool_rows: int, entries_per_block: int,
+            device: torch.device) -> PagedRows:
+    """Attention KV storage: FP8 codes for the non-RoPE dims, bf16 for the RoPE dims."""
+    return PagedRows.empty(ring_rows, pool_rows, config.nope_head_dim, config.rope_head_dim, "fp8", KV_FP8_BLOCK,
+                           entries_per_block, device)
+
+
+def index_key_rows(config: ModelConfig, pool_rows: int, entries_per_block: int, device: torch.device) -> PagedRows:
+    """Indexer key storage: FP4 codes for every dim (the keys are Hadamard-rotated, then FP4-rounded whole)."""
+    return PagedRows.empty(0, pool_rows, config.index_head_dim, 0, "fp4", FP4_BLOCK, entries_per_block, device)
+
+
+@dataclass
+class Step:
+    """What one forward step needs besides the tokens: positions, cache slots and their block tables."""
+    start: torch.Tensor        # [b] int64, position of the first new token of each sequence
+    slots: torch.Tensor        # [b] int64, cache slots of the sequences
+    cache: "KVCache"
+    n_new: int                 # s, new tokens per sequence
+    block_table: torch.Tensor = field(default=None)   # [b, nb] int32; default: the slots' rows of the cache's table
+
+    def __post_init__(self) -> None:
+        if self.block_table is None:
+            self.block_table = self.cache.block_table[self.slots]
+
+    @property
+    def positions(self) -> torch.Tensor:   # [b, s]
+        return self.start[:, None] + torch.arange(self.n_new, device=self.start.device)
+
+
+class BlockAllocator:
+    """Physical cache blocks 1 .. n-1 (block 0 is the null block), handed out and taken back on the host."""
+
+    def __init__(self, n_blocks: int):
+        if n_blocks < 2:
+            raise DSV4Error(f"the KV cache needs at least 2 blocks (one is the null block), got {n_blocks}")
+        self.n_blocks = n_blocks
+        self._free = list(range(n_blocks - 1, 0, -1))     # pop() hands out the lowest id first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise DSV4Error(f"the KV cache is full: {n} more block(s) of {CACHE_BLOCK} positions needed, "
+                            f"{len(self._free)} free of {self.n_blocks - 1}; give it more memory or fewer sequences")
+        return [self._free.pop() for _ in range(n)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
 
 
 class KVCache:
-    """Cache rows for `slots` concurrent sequences of up to config.max_seq_len tokens, for every layer and MTP."""
+    """Cache for `slots` concurrent sequences of up to config.max_seq_len tokens, for every layer and MTP layer.
 
-    def __init__(self, config: ModelConfig, slots: int, device: torch.device | str):
+    `blocks` physical blocks of CACHE_BLOCK positions back the compressed entries of all sequences (default: enough
+    for every slot to hold a full-length sequence). A slot takes blocks as its sequence grows (`reserve`) and gives
+    them back when a new sequence starts there (`reset`)."""
+
+    def __init__(self, config: ModelConfig, slots: int, device: torch.device | str, blocks: int | None = None):
         self.config, self.slots, self.device = config, slots, torch.device(device)
+        self.max_blocks = blocks_for(config.max_seq_len) + 1   # +1: the open entry past a full context maps somewhere
+        self.allocator = BlockAllocator(blocks if blocks is not None else slots * blocks_for(config.max_seq_len) + 1)
+        n_blocks = self.allocator.n_blocks
+        self.block_table = torch.full((slots + 1, self.max_blocks), NULL_BLOCK, dtype=torch.int32, device=device)
+        self._blocks: list[list[int]] = [[] for _ in range(slots + 1)]
         self.layers: list[LayerCache] = []
-        for layer_id, ratio in enumerate(config.compress_ratios):
-            window = torch.zeros(slots, config.window_size, config.head_dim, dtype=torch.bfloat16, device=device)
+        ring = (slots + 1) * config.window_size
+        for ratio in config.compress_ratios:
+            epb = CACHE_BLOCK // ratio if ratio else 0
+            kv = kv_rows(config, ring, n_blocks * epb, epb, self.device)
             compressor = indexer = None
             if ratio:
-                compressor = CompressorState.empty(slots, ratio, config.head_dim, config.max_seq_len, self.device)
-            if ratio == 4:
-                indexer = CompressorState.empty(slots, 4, config.index_head_dim, config.max_seq_len, self.device)
-            self.layers.append(LayerCache(window, compressor, indexer))
+                compressor = CompressorState.empty(slots + 1, ratio, config.head_dim, kv, self.device)
+            if ratio == CSA_RATIO:
+                keys = index_key_rows(config, n_blocks * epb, epb, self.device)
+                indexer = CompressorState.empty(slots + 1, ratio, config.index_head_dim, keys, self.device)
+            self.layers.append(LayerCache(kv, config.window_size, compressor, indexer))
+
+    @property
+    def scratch_slot(self) -> int:
+        """The slot that pads a batch: it owns no blocks, so its compressed writes land in the null block."""
+        return self.slots
+
+    def blocks_of(self, slot: int) -> list[int]:
+        return list(self._blocks[slot])
+
+    def reserve(self, slot: int, length: int) -> None:
+        """Make sure `slot` has the blocks for positions 0 .. length-1."""
+        if slot == self.scratch_slot:
+            return
+        have = self._blocks[slot]
+        need = blocks_for(length) - len(have)
+        if need > 0:
+            new = self.allocator.take(need)
+            self.block_table[slot, len(have):len(have) + need] = torch.tensor(new, dtype=torch.int32)
+            have.extend(new)
 
     def reset(self, slot: int) -> None:
-        """Forget everything slot `slot` held: a new sequence starts there."""
+        """Forget everything slot `slot` held: its blocks go back to the pool and its open-block state is cleared."""
+        self.allocator.give_back(self._blocks[slot])
+        self._blocks[slot] = []
+        self.block_table[slot] = NULL_BLOCK
         for layer in self.layers:
             for state in (layer.compressor, layer.indexer):
                 if state is not None:
                     state.reset(slot)
 
-    def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            total += layer.window.nbytes
-            for state in (layer.compressor, layer.indexer):
-                if state is not None:
-                    total += state.kv.nbytes + state.score.nbytes + state.entries.nbytes
-        return total
+    def step(self, start: list[int], slots: list[int], n_new: int) -> Step:
+        """The Step for `n_new` tokens of each sequence in `slots` from positions `start`, with blocks reserved."""
+        for slot, first in zip(slots, start):
+            self.reserve(slot, first + n_new)
+        return Step(start=torch.tensor(start, device=self.device), slots=torch.tensor(slots, device=self.device),
+                    cache=self, n_new=n_new)
+
+
+def blocks_for(length: int) -> int:
+    """Cache blocks covering positions 0 .. length-1."""
+    return -(-length // CACHE_BLOCK)

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from dsv4.errors import DSV4Error
 
+CSA_RATIO = 4       # the compress ratio of CSA layers: overlapping blocks and the lightning indexer; any other is HCA
+CACHE_BLOCK = 256   # positions covered by one block of the paged KV cache (dsv4.cache); every ratio divides it
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -50,7 +53,8 @@ class ModelConfig:
     dtype: str = "fp8"
     scale_fmt: str = "ue8m0"
     expert_dtype: str = "fp4"
-    # One ratio per layer plus one per MTP layer: 0 = sliding window only, 4 = CSA (overlapping + indexer), 128 = HCA.
+    # One ratio per layer plus one per MTP layer: 0 = sliding window only, CSA_RATIO = CSA (overlapping + indexer),
+    # any other (128 in the releases) = HCA.
     compress_ratios: tuple[int, ...] = field(default_factory=lambda: (0, 0) + (4, 128) * 20 + (4, 0))
     max_seq_len: int = 4096  # cache and RoPE-table length only
     max_batch_size: int = 4
@@ -85,7 +89,9 @@ class ModelConfig:
         need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
              f"{self.n_layers + self.n_mtp_layers}")
-        need(all(r in (0, 4, 128) or r > 0 for r in self.compress_ratios), "compress ratios must be >= 0")
+        need(all(r == 0 or (r > 0 and CACHE_BLOCK % r == 0) for r in self.compress_ratios),
+             f"compress ratios must be 0 or divide the cache block of {CACHE_BLOCK} positions, got "
+             f"{list(self.compress_ratios)}")
         need(self.n_shared_experts == 1, "n_shared_experts must be 1 (as in the reference)")
         need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r} is not supported (sqrtsoftplus)")
         need(self.rope_head_dim % 2 == 0 and self.rope_head_dim < self.head_dim, "rope_head_dim must be even and < head_dim")

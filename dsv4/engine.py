@@ -15,7 +15,7 @@ import torch
 
 from dsv4.cache import KVCache
 from dsv4.errors import DSV4Error
-from dsv4.model import Step, Transformer
+from dsv4.model import Transformer
 
 
 @dataclass
@@ -90,8 +90,7 @@ class Engine:
     def forward(self, tokens: torch.Tensor, start: list[int], slots: list[int],
                 all_logits: bool = False) -> torch.Tensor:
         """One model step: tokens [b, s] at per-sequence start positions in cache rows `slots`."""
-        step = Step(start=torch.tensor(start, device=self.device), slots=torch.tensor(slots, device=self.device),
-                    cache=self.cache, n_new=tokens.shape[1])
+        step = self.cache.step(start, slots, tokens.shape[1])
         logits, _ = self.model(tokens.to(self.device), step, all_logits=all_logits)
         return logits
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dsv4.cache import KVCache
-from dsv4.model import Step, Transformer
+from dsv4.model import Transformer
 
 HELD_OUT_EVERY = 20
 SEGMENT_TOKENS = 512          # BOS + 511 scored tokens
@@ -92,8 +92,7 @@ def perplexity(model: Transformer, segs: Sequence[Sequence[int]], device: torch.
         tokens = torch.tensor([list(s) + [config.eos_token_id] * (width - len(s)) for s in group])
         for slot in range(len(group)):
             cache.reset(slot)
-        step = Step(start=torch.zeros(len(group), dtype=torch.long, device=device),
-                    slots=torch.arange(len(group), device=device), cache=cache, n_new=width)
+        step = cache.step([0] * len(group), list(range(len(group))), width)
         logits, _ = model(tokens.to(device), step, all_logits=True)
         logits = logits.float().cpu()
         for row, seg in enumerate(group):

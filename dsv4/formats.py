@@ -65,20 +65,26 @@ def quantize_act_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
 
 # -- FP4 e2m1 -----------------------------------------------------------------------------------------------------
 def fp4_codes(x: torch.Tensor) -> torch.Tensor:
-    """Round fp32 values already within +-6 to e2m1 codes (uint8, round-to-nearest-even)."""
-    a = x.float().abs().clamp(max=FP4_MAX)
-    # Magnitude codes 0..7 step at these midpoints; at a tie the even code (lower bit 0) wins.
-    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=x.device)
-    code = torch.bucketize(a, mids, right=False).to(torch.uint8)          # ties -> lower code
-    tie = (a.unsqueeze(-1) == mids).any(-1)
-    code = torch.where(tie & (code % 2 == 1), code + 1, code)              # odd lower code at a tie -> round up
-    sign = (x.float() < 0) | ((x.float() == 0) & torch.signbit(x.float()))
-    return code | (sign.to(torch.uint8) << 3)
+    """Round fp32 values already within +-6 to e2m1 codes (uint8, round-to-nearest-even).
+
+    The magnitude code counts the midpoints of the grid (0, .5, 1, 1.5, 2, 3, 4, 6) below |x|; at a midpoint the even
+    code wins, so the comparison is strict where the lower neighbour's code is even and inclusive where it is odd.
+    Comparisons with Python numbers only: no table is copied to the device (a CUDA graph can capture this)."""
+    xf = x.float()
+    a = xf.abs().clamp(max=FP4_MAX)
+    code = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int() + (a > 2.5).int()
+            + (a >= 3.5).int() + (a > 5.0).int())
+    sign = (xf < 0) | ((xf == 0) & torch.signbit(xf))
+    return (code | (sign.int() << 3)).to(torch.uint8)
 
 
 def fp4_values(codes: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=codes.device)
-    return table[codes.long()]
+    """e2m1 codes -> fp32 values, built from the bits: bit 3 sign, bits 1-2 exponent e, bit 0 mantissa m; e > 0 is
+    (1 + m/2) * 2^(e-1) (fp32 exponent field e + 126, top mantissa bit m), e = 0 is m * 0.5."""
+    c = codes.to(torch.int32)
+    e, m = (c >> 1) & 3, c & 1
+    bits = torch.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22)) | ((c & 8) << 28)
+    return bits.view(torch.float32)
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -87,27 +93,48 @@ def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     return (lo | (hi << 4)).view(torch.int8)
 
 
+def unpack_fp4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """int8/uint8 [..., K/2] -> uint8 e2m1 codes [..., K] (element 2i from the low nibble)."""
+    b = packed.view(torch.uint8)
+    return torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
+
+
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """int8 [..., K/2] -> fp32 values [..., K]."""
-    b = packed.view(torch.uint8)
-    codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
-    return fp4_values(codes)
+    return fp4_values(unpack_fp4_codes(packed))
 
 
-def fake_quant(x: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
-    """Quantise each block and dequantise it again (the reference's in-place act_quant / fp4_act_quant)."""
+def quantize_blocks(x: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise each block of `block` values along the last dim (the reference's act_quant / fp4_act_quant):
+    (codes, fp32 power-of-two scales [..., n/block]). Codes are float8_e4m3fn for 'fp8' and uint8 e2m1 codes (one per
+    value, unpacked) for 'fp4'."""
     *lead, n = x.shape
     xb = x.float().reshape(*lead, n // block, block)
     amax = xb.abs().amax(-1, keepdim=True)
     if fmt == "fp8":
         scale = block_scales(amax, FP8_AMAX_FLOOR, FP8_MAX)
-        q = to_e4m3(xb / scale).float()
+        codes = to_e4m3(xb / scale)
     elif fmt == "fp4":
         scale = block_scales(amax, FP4_AMAX_FLOOR, FP4_MAX)
-        q = fp4_values(fp4_codes(xb / scale))
+        codes = fp4_codes(xb / scale)
     else:
-        raise ValueError(f"fake_quant format {fmt!r}: expected 'fp8' or 'fp4'")
-    return (q * scale).reshape(*lead, n).to(x.dtype)
+        raise ValueError(f"quantisation format {fmt!r}: expected 'fp8' or 'fp4'")
+    return codes.reshape(*lead, n), scale.reshape(*lead, n // block)
+
+
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, fmt: str, block: int,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """codes [..., n] (as `quantize_blocks` returns them) times their block scales, cast once to `dtype`; exact for
+    bf16 and fp32, which hold every e4m3 / e2m1 value times a power-of-two scale."""
+    values = codes.float() if fmt == "fp8" else fp4_values(codes)
+    *lead, n = values.shape
+    out = values.reshape(*lead, n // block, block) * scale.float().unsqueeze(-1)
+    return out.reshape(*lead, n).to(dtype)
+
+
+def fake_quant(x: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
+    """Quantise each block and dequantise it again (the reference's in-place act_quant / fp4_act_quant)."""
+    return dequantize_blocks(*quantize_blocks(x, fmt, block), fmt, block, x.dtype)
 
 
 # -- weights ------------------------------------------------------------------------------------------------------

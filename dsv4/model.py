@@ -13,15 +13,14 @@ how its prompt was chunked or what it was batched with (given batch-invariant ke
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dsv4.backends.contracts import KV_FP8_BLOCK, FP4_BLOCK
 from dsv4.backends.registry import OpTable
-from dsv4.cache import CompressorState, KVCache, LayerCache
-from dsv4.config import ModelConfig
+from dsv4.cache import CompressorState, LayerCache, PagedRows, Step
+from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.parallel import ExpertGroup
 
 
@@ -48,19 +47,6 @@ def rope_table(config: ModelConfig, compressed: bool) -> tuple[torch.Tensor, tor
         freqs = fp32(fp32(fp32(freqs / config.rope_factor) * fp32(1 - smooth)) + fp32(freqs * smooth))
     angles = fp32(torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), freqs))
     return angles.cos().float(), angles.sin().float()
-
-
-@dataclass
-class Step:
-    """What one forward step needs besides the tokens: positions, cache rows and the per-device RoPE tables."""
-    start: torch.Tensor        # [b] int64, position of the first new token of each sequence
-    slots: torch.Tensor        # [b] int64, cache rows of the sequences
-    cache: KVCache
-    n_new: int                 # s, new tokens per sequence
-
-    @property
-    def positions(self) -> torch.Tensor:   # [b, s]
-        return self.start[:, None] + torch.arange(self.n_new, device=self.start.device)
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -114,7 +100,7 @@ class Compressor(nn.Module):
     def __init__(self, ops: OpTable, config: ModelConfig, ratio: int, head_dim: int, rotate: bool):
         super().__init__()
         self.ops, self.ratio, self.head_dim, self.rotate = ops, ratio, head_dim, rotate
-        self.overlap = ratio == 4
+        self.overlap = ratio == CSA_RATIO
         width = (1 + self.overlap) * head_dim
         self.rope_dim = config.rope_head_dim
         self.ape = _param(ratio, width, dtype=torch.float32)
@@ -123,10 +109,12 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(ops, head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, step: Step, state: CompressorState, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Feed `x` [b, s, d] into each sequence's block state and write every completed block to `state.entries`.
+        """Feed `x` [b, s, d] into each sequence's block state and store every block completed in this step.
 
-        All sequences at once: each one's timeline from the start of its first open block (the rows held in the state,
-        then the s new rows) is cut into blocks; the complete ones, in (sequence, block) order, are pooled."""
+        All sequences at once, with no host synchronisation: each one's timeline from the start of its first open
+        block (the rows held in the state, then the s new rows) is cut into blocks, and every block of the timeline
+        is pooled. A block that is not complete yet is stored too, at its own future entry (or in the null block):
+        no attention reads an entry before it is complete, and the block overwrites it once it is."""
         m, c = self.ratio, self.head_dim
         off = m if self.overlap else 0                                 # state rows: [previous block,] current block
         kv = self.wkv(x.float())                                       # [b, s, width] fp32
@@ -147,33 +135,29 @@ class Compressor(nn.Module):
             return picked.unflatten(1, (span // m, m))
 
         blocks_kv, blocks_score = timeline(state.kv, kv), timeline(state.score, score)
-        j = torch.arange(span // m, device=x.device)                               # block index in a timeline
-        done = j < n_done[:, None]                                                  # [b, span/m] complete blocks
         self._keep_open_rows(state.kv, blocks_kv, step.slots, held + s, n_done, off)
         self._keep_open_rows(state.score, blocks_score, step.slots, held + s, n_done, off)
         if self.overlap:   # block j pools block j-1's first c channels and its own last c
             prev_kv = torch.cat([state.kv[step.slots, None, :m], blocks_kv[:, :-1]], dim=1)
             prev_score = torch.cat([state.score[step.slots, None, :m], blocks_score[:, :-1]], dim=1)
             last = (n_done - 1).clamp(min=0)
-            closed = n_done > 0                                        # the last complete block becomes "previous"
-            state.kv[step.slots[closed], :m] = blocks_kv[closed, last[closed]]
-            state.score[step.slots[closed], :m] = blocks_score[closed, last[closed]]
+            closed = (n_done > 0)[:, None, None]                      # the last complete block becomes "previous"
+            seq = torch.arange(b, device=x.device)
+            state.kv[step.slots, :m] = torch.where(closed, blocks_kv[seq, last], state.kv[step.slots, :m])
+            state.score[step.slots, :m] = torch.where(closed, blocks_score[seq, last], state.score[step.slots, :m])
             blocks_kv = torch.cat([prev_kv[..., :c], blocks_kv[..., c:]], dim=2)
             blocks_score = torch.cat([prev_score[..., :c], blocks_score[..., c:]], dim=2)
-        pooled_kv, pooled_score = blocks_kv[done], blocks_score[done]                # [n, R, c], (sequence, block) order
-        if pooled_kv.shape[0] == 0:
-            return
-        slots = step.slots[:, None].expand_as(done)[done]
-        blocks = (first[:, None] + j)[done]
-        pooled = self.ops.compress_pool(pooled_kv, pooled_score)                     # [n, c] fp32
+        blocks = first[:, None] + torch.arange(span // m, device=x.device)           # [b, span/m] entry ids
+        pooled = self.ops.compress_pool(blocks_kv.flatten(0, 1), blocks_score.flatten(0, 1))   # [b*span/m, c] fp32
         entries = self.norm(pooled.to(torch.bfloat16))
-        cos, sin = rope[0][blocks * m], rope[1][blocks * m]
-        entries = self.ops.rope(entries, cos, sin, False)
+        at = (blocks.reshape(-1) * m).clamp(max=rope[0].shape[0] - 1)               # the block's start position
+        entries = self.ops.rope(entries, rope[0][at], rope[1][at], False)
         if self.rotate:
             entries = self.ops.fake_quant(self.ops.hadamard(entries), "fp4", FP4_BLOCK)
         else:
             entries = _fake_quant_nope(self.ops, entries, self.rope_dim)
-        state.entries[slots, blocks] = entries
+        store = state.entries
+        store.write(store.entry_rows(step.block_table, blocks), entries)
 
     @staticmethod
     def _keep_open_rows(saved: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor, length: torch.Tensor,
@@ -208,7 +192,7 @@ class Indexer(nn.Module):
         self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
         self.wq_b = Linear(ops, config.q_lora_rank, self.n_heads * self.head_dim, config.dtype)
         self.weights_proj = Linear(ops, config.dim, self.n_heads, "bf16")
-        self.compressor = Compressor(ops, config, 4, self.head_dim, rotate=True)
+        self.compressor = Compressor(ops, config, CSA_RATIO, self.head_dim, rotate=True)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, step: Step, cache: LayerCache,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -219,10 +203,8 @@ class Indexer(nn.Module):
         q = self.ops.fake_quant(self.ops.hadamard(q), "fp4", FP4_BLOCK)
         self.compressor(x, step, cache.indexer, rope)
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        n_blocks = int((step.start.max() + s) // 4)
-        keys = cache.indexer.entries[step.slots, :n_blocks]
-        n_visible = (step.positions + 1) // 4
-        return self.ops.indexer_topk(q, weights, keys, n_visible, self.topk)
+        n_visible = (step.positions + 1) // CSA_RATIO
+        return self.ops.indexer_topk(q, weights, cache.indexer.entries, step.block_table, n_visible, self.topk)
 
 
 # -- attention -----------------------------------------------------------------------------------------------------
@@ -248,7 +230,7 @@ class Attention(nn.Module):
         self.wo_b = Linear(ops, c.o_groups * c.o_lora_rank, c.dim, c.dtype)
         if self.ratio:
             self.compressor = Compressor(ops, c, self.ratio, c.head_dim, rotate=False)
-        if self.ratio == 4:
+        if self.ratio == CSA_RATIO:
             self.indexer = Indexer(ops, c)
 
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache,
@@ -262,25 +244,21 @@ class Attention(nn.Module):
         kv = ops.rope(self.kv_norm(self.wkv(x)), cos, sin, False)
         kv = _fake_quant_nope(ops, kv, self.config.rope_head_dim)               # [b, s, D]
 
-        # Keys: the window ring (earlier tokens), this step's fresh tokens, then the compressed entries.
-        keys = [cache.window[step.slots], kv]
-        window_idx = self._window_indices(step)
+        # Keys: the window (ring rows of earlier tokens, this step's fresh rows), then the compressed entries.
+        store = cache.kv
+        window = self._window_rows(step, store.rows)
         if self.ratio:
             self.compressor(x, step, cache.compressor, rope)
-            n_blocks = int((step.start.max() + s) // self.ratio)
-            keys.append(cache.compressor.entries[step.slots, :n_blocks])
-        kv_all = torch.cat(keys, dim=1)
-        if self.ratio == 4:
-            selected = self.indexer(x, qr, step, cache, rope)
-            selected = torch.where(selected >= 0, selected + W + s, selected)
-            o = ops.sparse_attention(q, kv_all, torch.cat([window_idx, selected], -1), self.attn_sink,
+        if self.ratio == CSA_RATIO:
+            selected = store.entry_rows(step.block_table, self.indexer(x, qr, step, cache, rope))
+            o = ops.sparse_attention(q, store, kv, torch.cat([window, selected], -1), self.attn_sink,
                                      self.softmax_scale)
         elif self.ratio:
             n_comp = (step.positions + 1) // self.ratio
-            o = ops.hca_attention(q, kv_all, window_idx, W + s, n_comp, self.attn_sink, self.softmax_scale)
+            o = ops.hca_attention(q, store, kv, window, step.block_table, n_comp, self.attn_sink, self.softmax_scale)
         else:
-            o = ops.sparse_attention(q, kv_all, window_idx, self.attn_sink, self.softmax_scale)
-        self._write_window(kv, step, cache)
+            o = ops.sparse_attention(q, store, kv, window, self.attn_sink, self.softmax_scale)
+        self._write_window(kv, step, store)
 
         o = ops.rope(o, cos.unsqueeze(2), sin.unsqueeze(2), True)               # undo RoPE at the query position
         o = o.view(b, s, self.config.o_groups, self.group_width)
@@ -288,20 +266,20 @@ class Attention(nn.Module):
         o = ops.linear(o, wo_a)                                                 # [b, s, G, o_lora] bf16
         return self.wo_b(o.flatten(2))
 
-    def _window_indices(self, step: Step) -> torch.Tensor:
-        """[b, s, W] indices into cat(ring, fresh): the W positions up to and including each query, oldest first;
-        -1 before position 0. Position q sits in ring slot q % W if it came before this step, else at W + q - start."""
+    def _window_rows(self, step: Step, fresh_base: int) -> torch.Tensor:
+        """[b, s, W] rows of each query's window, the W positions up to and including it, oldest first: ring row
+        slot*W + q % W for a position before this step, fresh_base + q - start for one of this step; -1 before
+        position 0."""
         W = self.window
         q = step.positions.unsqueeze(-1) - (W - 1) + torch.arange(W, device=step.start.device)
         start = step.start.view(-1, 1, 1)
-        idx = torch.where(q >= start, W + q - start, q % W)
-        return torch.where(q < 0, -1, idx)
+        rows = torch.where(q >= start, fresh_base + q - start, step.slots.view(-1, 1, 1) * W + q % W)
+        return torch.where(q < 0, -1, rows)
 
-    def _write_window(self, kv: torch.Tensor, step: Step, cache: LayerCache) -> None:
+    def _write_window(self, kv: torch.Tensor, step: Step, store: PagedRows) -> None:
         keep = min(step.n_new, self.window)                                      # only the last W survive
         positions = step.positions[:, -keep:]
-        rows = step.slots.unsqueeze(1).expand_as(positions)
-        cache.window[rows, positions % self.window] = kv[:, -keep:]
+        store.write(step.slots[:, None] * self.window + positions % self.window, kv[:, -keep:])
 
 
 # -- MoE -----------------------------------------------------------------------------------------------------------

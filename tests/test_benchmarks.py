@@ -11,7 +11,7 @@ from dsv4.backends.registry import default_registry
 from dsv4.cache import KVCache
 from dsv4.cli import main
 from dsv4.config import preset
-from dsv4.model import Step, rope_table
+from dsv4.model import rope_table
 
 
 @pytest.mark.parametrize("phase,size", [("decode", 3), ("prefill", 40)])
@@ -30,7 +30,7 @@ def test_layer_benchmark_builds_a_random_layer_that_runs_a_decode_step(kind):
     config = layer.layer_config("tiny", kind, 2, 300)
     block = layer.random_block(config, table, torch.device("cpu"))
     cache = KVCache(config, 2, "cpu")
-    step = Step(start=torch.full((2,), 200), slots=torch.arange(2), cache=cache, n_new=1)
+    step = cache.step([200, 200], [0, 1], 1)
     h = torch.randn(2, 1, config.hc_mult, config.dim).bfloat16()
     out = block(h, torch.zeros(2, 1, dtype=torch.int64), step, rope_table(config, kind != "window"))
     assert out.shape == h.shape and torch.isfinite(out.float()).all()

@@ -13,6 +13,7 @@ import torch
 from dsv4 import formats
 from dsv4.backends.canonical import ops
 from dsv4.backends.contracts import CONTRACTS
+from dsv4.cache import PagedRows
 
 BF16 = torch.bfloat16
 
@@ -49,12 +50,30 @@ def fp4_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return formats.quantize_weight_fp4(randn(n, k, seed=seed, scale=0.05))
 
 
+STORED = 150          # rows of the attention cases' shared storage; R + j is fresh row j of a sequence
+
+
+def kv_values(rows: int, seed: int, lead: tuple[int, ...] = ()) -> torch.Tensor:
+    """KV vectors on the cache's storage grid: 64 FP8 dims (blocks of 64), then 64 RoPE dims in bf16."""
+    v = randn(*lead, rows, 128, seed=seed, dtype=BF16)
+    return torch.cat([formats.fake_quant(v[..., :64], "fp8", 64), v[..., 64:]], dim=-1)
+
+
 def attention_inputs(seed: int, s: int = 3, width: int = 140) -> tuple:
-    q = randn(2, s, 4, 32, seed=seed, dtype=BF16)
-    kv = randn(2, 150, 32, seed=seed + 1, dtype=BF16)
-    idx = torch.randint(0, 150, (2, s, width), generator=gen(seed + 2))
+    """(q, kv storage, fresh rows, idx, sink, scale): idx mixes stored rows, fresh rows and empty slots."""
+    q = randn(2, s, 4, 128, seed=seed, dtype=BF16)
+    store = PagedRows.holding(kv_values(STORED, seed + 1), "fp8", 64, 64)
+    fresh = kv_values(s, seed + 5, (2,))
+    idx = torch.randint(0, STORED + s, (2, s, width), generator=gen(seed + 2))
     idx[torch.rand(idx.shape, generator=gen(seed + 3)) < 0.2] = -1
-    return q, kv, idx, randn(4, seed=seed + 4), 32 ** -0.5
+    return q, store, fresh, idx, randn(4, seed=seed + 4), 128 ** -0.5
+
+
+def keys_with_first_dims(first: list[float], d: int = 32) -> PagedRows:
+    """FP4 indexer keys, one block of len(first) entries: key t is first[t] in dim 0 and zero elsewhere."""
+    values = torch.zeros(len(first), d, dtype=BF16)
+    values[:, 0] = torch.tensor(first)
+    return PagedRows.holding(values, "fp4", 32, 0, entries_per_block=len(first))
 
 
 @functools.cache
@@ -69,7 +88,11 @@ def op_cases() -> dict[str, tuple[str, tuple, list[tuple[tuple[int, ...], torch.
     hc_x = randn(2, 3, 4, 32, seed=14, dtype=BF16)
     experts = torch.randint(0, 8, (6, 2), generator=gen(15))
     order, _ = ops.moe_dispatch(experts, 8)
-    q, kv, idx, sink, scale = attention_inputs(16)
+    q, kv, fresh, idx, sink, scale = attention_inputs(16)
+    index_keys = PagedRows.holding(formats.fake_quant(randn(24, 32, seed=24, dtype=BF16), "fp4", 32), "fp4", 32, 0,
+                                   entries_per_block=8)
+    hca_table = torch.tensor([[2, 0, 1], [1, 2, 0]], dtype=torch.int32)
+    hca_kv = PagedRows.holding(kv_values(70, 25), "fp8", 64, 64, pool_base=10, entries_per_block=20)
     cos_sin = torch.rand(2, 3, 1, 8, generator=gen(17)) * 6.3
     logits = randn(4, 300, seed=18, scale=3.0)
     return {
@@ -92,11 +115,12 @@ def op_cases() -> dict[str, tuple[str, tuple, list[tuple[tuple[int, ...], torch.
                                                           torch.tensor([3, 0, 4]), gw, gs), [((7, 48), BF16)]),
         "compress_pool": ("compress_pool", (randn(5, 8, 16, seed=21), score), [((5, 16), torch.float32)]),
         "indexer_topk": ("indexer_topk", (randn(2, 3, 4, 32, seed=22, dtype=BF16), randn(2, 3, 4, seed=23),
-                                          randn(2, 20, 32, seed=24, dtype=BF16), torch.tensor([[20, 9, 3], [0, 1, 15]]),
-                                          8), [((2, 3, 8), torch.int64)]),
-        "sparse_attention": ("sparse_attention", (q, kv, idx, sink, scale), [((2, 3, 4, 32), BF16)]),
-        "hca_attention": ("hca_attention", (q, kv, idx[..., :10], 100, torch.tensor([[0, 20, 50], [7, 3, 0]]),
-                                            sink, scale), [((2, 3, 4, 32), BF16)]),
+                                          index_keys, torch.tensor([[2, 0, 1], [0, 2, 1]], dtype=torch.int32),
+                                          torch.tensor([[20, 9, 3], [0, 1, 15]]), 8), [((2, 3, 8), torch.int64)]),
+        "sparse_attention": ("sparse_attention", (q, kv, fresh, idx, sink, scale), [((2, 3, 4, 128), BF16)]),
+        "hca_attention": ("hca_attention", (q, hca_kv, fresh, idx[..., :10].clamp(max=9), hca_table,
+                                            torch.tensor([[0, 20, 50], [7, 3, 0]]), sink, scale),
+                          [((2, 3, 4, 128), BF16)]),
         "mhc_pre": ("mhc_pre", (hc_x, randn(24, 128, seed=25, scale=0.1), torch.tensor([0.5, 0.7, 1.3]),
                                 randn(24, seed=26), 1e-6, 1e-6, 20),
                     [((2, 3, 32), BF16), ((2, 3, 4), torch.float32), ((2, 3, 4, 4), torch.float32)]),
@@ -123,7 +147,7 @@ def as_tuple(out) -> tuple:
 
 
 def to_device(arg, device: str):
-    return arg.to(device) if isinstance(arg, torch.Tensor) else arg
+    return arg.to(device) if isinstance(arg, (torch.Tensor, PagedRows)) else arg
 
 
 # -- the interface ------------------------------------------------------------------------------------------------
@@ -259,22 +283,40 @@ def test_compress_pool_is_a_per_channel_softmax_pool_where_minus_inf_rows_weigh_
 
 
 def test_indexer_topk_picks_the_best_visible_keys_ties_to_lower_index_ascending_and_pads_with_minus_one():
-    # With a one-hot query and unit weights, S[t] = relu(keys[t, 0]) = [2, 5, 5, 0, 5, 3].
-    q = torch.zeros(1, 3, 1, 4, dtype=BF16)
+    # With a one-hot query and unit weights, S[t] = relu(key[t, 0]) = [2, 4, 4, 0, 4, 3].
+    q = torch.zeros(1, 3, 1, 32, dtype=BF16)
     q[..., 0] = 1
-    keys = torch.zeros(1, 6, 4, dtype=BF16)
-    keys[0, :, 0] = torch.tensor([2.0, 5.0, 5.0, -1.0, 5.0, 3.0])
+    keys = keys_with_first_dims([2.0, 4.0, 4.0, -1.0, 4.0, 3.0])
+    table = torch.zeros(1, 1, dtype=torch.int32)
     weights = torch.ones(1, 3, 1)
-    top2 = ops.indexer_topk(q, weights, keys, torch.tensor([[6, 4, 1]]), 2)
+    top2 = ops.indexer_topk(q, weights, keys, table, torch.tensor([[6, 4, 1]]), 2)
     assert top2.tolist() == [[[1, 2], [1, 2], [0, -1]]]
-    top5 = ops.indexer_topk(q, weights, keys, torch.tensor([[6, 4, 2]]), 5)
+    top5 = ops.indexer_topk(q, weights, keys, table, torch.tensor([[6, 4, 2]]), 5)
     assert top5.tolist() == [[[0, 1, 2, 4, 5], [0, 1, 2, 3, -1], [0, 1, -1, -1, -1]]]
-    assert ops.indexer_topk(q, weights, keys, torch.tensor([[6, 6, 0]]), 8)[0, 2].tolist() == [-1] * 8
+    assert ops.indexer_topk(q, weights, keys, table, torch.tensor([[6, 6, 0]]), 8)[0, 2].tolist() == [-1] * 8
 
 
-def fp64_attention(q, kv, idx, sink, scale) -> torch.Tensor:
+def test_indexer_reads_each_sequences_keys_through_its_block_table():
+    # two blocks of 3 entries: block 0 holds [1, 4, 2], block 1 holds [3, 0.5, 6]; sequence 0 owns (1, 0), 1 owns (0,)
+    keys = keys_with_first_dims([1.0, 4.0, 2.0, 3.0, 0.5, 6.0])
+    keys.entries_per_block = 3
+    q = torch.zeros(2, 1, 1, 32, dtype=BF16)
+    q[..., 0] = 1
+    table = torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)
+    top = ops.indexer_topk(q, torch.ones(2, 1, 1), keys, table, torch.tensor([[6], [3]]), 2)
+    assert top.tolist() == [[[2, 4]], [[1, 2]]]      # sequence 0: [3, .5, 6, 1, 4, 2]; sequence 1: [1, 4, 2]
+
+
+def stored_and_fresh(store: PagedRows, fresh: torch.Tensor) -> torch.Tensor:
+    """Every row attention can index for each sequence: [b, R + f, D] (stored rows decoded, then fresh rows)."""
+    stored = store.read(torch.arange(store.rows))
+    return torch.cat([stored.expand(fresh.shape[0], -1, -1), fresh], dim=1)
+
+
+def fp64_attention(q, store, fresh, idx, sink, scale) -> torch.Tensor:
     """softmax with sink over the valid idx entries, in fp64, with no bf16 rounding of the probabilities."""
     b, s, heads, d = q.shape
+    kv = stored_and_fresh(store, fresh)
     out = torch.zeros(b, s, heads, d, dtype=torch.float64)
     for i in range(b):
         for j in range(s):
@@ -288,39 +330,43 @@ def fp64_attention(q, kv, idx, sink, scale) -> torch.Tensor:
 
 
 def test_sparse_attention_matches_fp64_softmax_with_sink_over_the_valid_slots():
-    q, kv, idx, sink, scale = attention_inputs(40)
-    out = ops.sparse_attention(q, kv, idx, sink, scale)
-    torch.testing.assert_close(out.double(), fp64_attention(q, kv, idx, sink, scale), atol=2e-2, rtol=2e-2)
+    q, kv, fresh, idx, sink, scale = attention_inputs(40)
+    out = ops.sparse_attention(q, kv, fresh, idx, sink, scale)
+    torch.testing.assert_close(out.double(), fp64_attention(q, kv, fresh, idx, sink, scale), atol=2e-2, rtol=2e-2)
 
 
 def test_sparse_attention_ignores_minus_one_slots():
-    q, kv, idx, sink, scale = attention_inputs(41)
-    out = ops.sparse_attention(q, kv, idx, sink, scale)
+    q, kv, fresh, idx, sink, scale = attention_inputs(41)
+    out = ops.sparse_attention(q, kv, fresh, idx, sink, scale)
     padded = torch.cat([idx, torch.full((2, 3, 100), -1)], dim=-1)
-    assert same_bits(out, ops.sparse_attention(q, kv, padded, sink, scale))
-    empty = ops.sparse_attention(q, kv, torch.full_like(idx, -1), sink, scale)
+    assert same_bits(out, ops.sparse_attention(q, kv, fresh, padded, sink, scale))
+    empty = ops.sparse_attention(q, kv, fresh, torch.full_like(idx, -1), sink, scale)
     assert torch.equal(empty, torch.zeros_like(empty))
 
 
 def test_sparse_attention_of_one_query_does_not_depend_on_the_rest_of_the_batch(monkeypatch):
-    q, kv, idx, sink, scale = attention_inputs(42, s=5)
-    out = ops.sparse_attention(q, kv, idx, sink, scale)
+    q, kv, fresh, idx, sink, scale = attention_inputs(42, s=5)
+    out = ops.sparse_attention(q, kv, fresh, idx, sink, scale)
     for i in range(2):
         for j in range(5):
-            alone = ops.sparse_attention(q[i:i + 1, j:j + 1], kv[i:i + 1], idx[i:i + 1, j:j + 1], sink, scale)
+            alone = ops.sparse_attention(q[i:i + 1, j:j + 1], kv, fresh[i:i + 1], idx[i:i + 1, j:j + 1], sink, scale)
             assert same_bits(alone, out[i:i + 1, j:j + 1])
     monkeypatch.setattr(ops, "BUDGET", 1)                    # one query per step
-    assert same_bits(out, ops.sparse_attention(q, kv, idx, sink, scale))
+    assert same_bits(out, ops.sparse_attention(q, kv, fresh, idx, sink, scale))
 
 
 def test_hca_attention_is_sparse_attention_over_window_then_visible_compressed_entries():
-    q, kv, idx, sink, scale = attention_inputs(43)
-    window, n_comp = idx[..., :10], torch.tensor([[0, 20, 50], [7, 3, 0]])
-    out = ops.hca_attention(q, kv, window, 100, n_comp, sink, scale)
+    q, _, fresh, idx, sink, scale = attention_inputs(43)
+    kv = PagedRows.holding(kv_values(70, 44), "fp8", 64, 64, pool_base=10, entries_per_block=20)
+    window, n_comp = idx[..., :10].clamp(max=9), torch.tensor([[0, 20, 50], [7, 3, 0]])
+    table = torch.tensor([[2, 0, 1], [1, 2, 0]], dtype=torch.int32)
+    out = ops.hca_attention(q, kv, fresh, window, table, n_comp, sink, scale)
     for i in range(2):
         for j in range(3):
-            full = torch.cat([window[i, j], 100 + torch.arange(int(n_comp[i, j]))])
-            alone = ops.sparse_attention(q[i:i + 1, j:j + 1], kv[i:i + 1], full[None, None], sink, scale)
+            entry = torch.arange(int(n_comp[i, j]))
+            rows = 10 + table[i].long()[entry // 20] * 20 + entry % 20
+            full = torch.cat([window[i, j], rows])
+            alone = ops.sparse_attention(q[i:i + 1, j:j + 1], kv, fresh[i:i + 1], full[None, None], sink, scale)
             assert same_bits(alone, out[i:i + 1, j:j + 1])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from dsv4.cache import KVCache
-from dsv4.model import Step
 
 from conftest import short_block_config
 
@@ -13,10 +12,12 @@ def _entries(pipe, layer_id: int, x: torch.Tensor) -> torch.Tensor:
     """Run one layer's compressor on x [1, s, d] from position 0; return its compressed entries [s // ratio, D]."""
     attn = pipe.model.layers[layer_id].attn
     cache = KVCache(pipe.config, 1, "cpu")
-    step = Step(start=torch.tensor([0]), slots=torch.tensor([0]), cache=cache, n_new=x.shape[1])
+    step = cache.step([0], [0], x.shape[1])
     with torch.inference_mode():
         attn.compressor(x, step, cache.layers[layer_id].compressor, pipe.model.rope_for(layer_id, x.device))
-    return cache.layers[layer_id].compressor.entries[0, :x.shape[1] // attn.ratio].float()
+    store = cache.layers[layer_id].compressor.entries
+    entries = torch.arange(x.shape[1] // attn.ratio)[None]
+    return store.read(store.entry_rows(step.block_table, entries))[0].float()
 
 
 def _tokens(s: int, d: int, seed: int) -> torch.Tensor:

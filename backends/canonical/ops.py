@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -38,6 +38,7 @@ from dsv4.backends.canonical.primitives import (
 from dsv4.backends.contracts import ATTENTION_CHUNK, FP4_BLOCK, FP8_BLOCK
 
 if TYPE_CHECKING:
+    from dsv4.cache import PagedRows
     from dsv4.parallel import ExpertGroup
 
 
@@ -190,12 +191,16 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return lane_sum(e * kv.float(), dim=1) / lane_sum(e, dim=1)
 
 
-def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
-                 k: int) -> torch.Tensor:
-    """The min(k, n_visible) key slots t of best S[t] = sum_h relu(<q_h, keys_t>) * w_h (ties: lower t), in
-    ascending t, padded with -1 to width k. Dots lanesum over d, relu, times weight, lanesum over H."""
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: PagedRows, block_table: torch.Tensor,
+                 n_visible: torch.Tensor, k: int) -> torch.Tensor:
+    """The min(k, n_visible) key slots t of best S[t] = sum_h relu(<q_h, key_t>) * w_h (ties: lower t), in
+    ascending t, padded with -1 to width k; key t of sequence i is stored at keys.entry_rows(block_table, t).
+    Dots lanesum over d, relu, times weight, lanesum over H. The keys read are sized by the largest n_visible (a
+    host read: this composite is not graph-captured)."""
     b = q.shape[0]
-    dots = torch.stack([float_matmul(q[i].float(), keys[i]) for i in range(b)])    # [b, s, H, T]
+    t = torch.arange(max(1, int(n_visible.max())) if n_visible.numel() else 1, device=q.device).expand(b, -1)
+    values = keys.read(keys.entry_rows(block_table, t))                           # [b, T, d] bf16
+    dots = torch.stack([float_matmul(q[i].float(), values[i]) for i in range(b)])  # [b, s, H, T]
     scores = lane_sum(torch.relu(dots) * weights.float()[..., None], dim=-2)       # [b, s, T]
     return select_topk(scores, n_visible, k)
 
@@ -216,9 +221,22 @@ def select_topk(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.
     return out
 
 
-def _attend(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """Chunked online softmax with sink for queries q [S, H, D] (fp32) over kv [N, D] (fp32) rows idx [S, K]."""
+RowReader = Callable[[torch.Tensor], torch.Tensor]   # index-list slots [S, C] -> fp32 rows [S, C, D]
+
+
+def rows_reader(kv: PagedRows, fresh: torch.Tensor) -> RowReader:
+    """One sequence's keys as attention indexes them: stored rows 0 .. R-1, then its fresh rows R + j."""
+    n = kv.rows
+
+    def read(slots: torch.Tensor) -> torch.Tensor:
+        stored = kv.read(slots.clamp(0, n - 1))
+        new = fresh[(slots - n).clamp(0, fresh.shape[0] - 1)]
+        return torch.where((slots >= n)[..., None], new, stored).float()
+    return read
+
+
+def _attend(q: torch.Tensor, read: RowReader, idx: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """Chunked online softmax with sink for queries q [S, H, D] (fp32) over the rows idx [S, K] that `read` gives."""
     n_q, heads, d = q.shape
     m = torch.full((n_q, heads), -math.inf, device=q.device)
     l = torch.zeros(n_q, heads, device=q.device)
@@ -226,7 +244,7 @@ def _attend(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Te
     for c0 in range(0, idx.shape[-1], ATTENTION_CHUNK):
         slots = idx[:, c0:c0 + ATTENTION_CHUNK]                                        # [S, C]
         valid = slots >= 0
-        v = kv[slots.clamp_min(0)]                                                     # [S, C, D]
+        v = read(slots)                                                                # [S, C, D]
         s = lane_sum(q[:, :, None, :] * v[:, None, :, :]) * scale                      # [S, H, C]
         s = torch.where(valid[:, None, :], s, -math.inf)
         has_valid = valid.any(dim=-1)[:, None]                                         # [S, 1]
@@ -242,35 +260,38 @@ def _attend(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Te
     return (acc / (l + exp(sink - m))[..., None]).to(torch.bfloat16)
 
 
-def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+def sparse_attention(q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """Single shared K=V head over the rows idx (-1: empty slot), online softmax in chunks of ATTENTION_CHUNK
-    slots, sink in the denominator only, probabilities rounded to bf16 for the value sum; bf16 output."""
+    """Single shared K=V head over the rows idx (stored row, or R + j for fresh row j; -1: empty slot), online
+    softmax in chunks of ATTENTION_CHUNK slots, sink in the denominator only, probabilities rounded to bf16 for the
+    value sum; bf16 output."""
     b, s, heads, d = q.shape
     per_step = max(1, BUDGET // (heads * ATTENTION_CHUNK * d))
     out = torch.empty(b, s, heads, d, dtype=torch.bfloat16, device=q.device)
-    kvf, sinkf = kv.float(), sink.float()
+    sinkf = sink.float()
     for i in range(b):
+        read = rows_reader(kv, fresh[i])
         for q0 in range(0, s, per_step):
             sl = slice(q0, q0 + per_step)
-            out[i, sl] = _attend(q[i, sl].float(), kvf[i], idx[i, sl], sinkf, scale)
+            out[i, sl] = _attend(q[i, sl].float(), read, idx[i, sl], sinkf, scale)
     return out
 
 
-def hca_attention(q: torch.Tensor, kv: torch.Tensor, window_idx: torch.Tensor, comp_offset: int,
-                  n_comp: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
-    """sparse_attention over window_idx followed by comp_offset + 0 .. n_comp-1, padded with -1."""
-    return sparse_attention(q, kv, hca_indices(window_idx, comp_offset, n_comp), sink, scale)
+def hca_attention(q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, window_idx: torch.Tensor,
+                  block_table: torch.Tensor, n_comp: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """sparse_attention over window_idx followed by the rows of compressed entries 0 .. n_comp-1."""
+    return sparse_attention(q, kv, fresh, hca_indices(kv, window_idx, block_table, n_comp), sink, scale)
 
 
-def hca_indices(window_idx: torch.Tensor, comp_offset: int, n_comp: torch.Tensor,
-                width: int | None = None) -> torch.Tensor:
-    """The HCA index list [b, s, W + width]: window_idx, then comp_offset + 0 .. n_comp-1, then -1. `width` defaults
-    to the largest n_comp (a host sync); any larger width gives the same attention (trailing empty slots)."""
-    if width is None:
-        width = int(n_comp.max()) if n_comp.numel() else 0
-    j = torch.arange(width, device=window_idx.device)
-    comp = torch.where(j < n_comp[..., None], comp_offset + j, -1)
+def hca_indices(kv: PagedRows, window_idx: torch.Tensor, block_table: torch.Tensor,
+                n_comp: torch.Tensor) -> torch.Tensor:
+    """The HCA index list [b, s, W + E]: window_idx, then the rows of entries 0 .. n_comp-1, then -1, for every
+    entry the block table can address (E = its width times the entries per block: a static size, and trailing
+    empty slots change nothing)."""
+    b = window_idx.shape[0]
+    j = torch.arange(block_table.shape[1] * kv.entries_per_block, device=window_idx.device)
+    rows = kv.entry_rows(block_table, j.expand(b, -1))                               # [b, E]
+    comp = torch.where(j < n_comp[..., None], rows[:, None, :], -1)
     return torch.cat((window_idx, comp), dim=-1)
 
 
