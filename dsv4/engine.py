@@ -1,8 +1,13 @@
-"""The generation engine: prefill, incremental decode over the heterogeneous KV cache, sampling, stopping.
+"""The generation engine: prefill, incremental decode over the paged KV cache, sampling, stopping.
 
 Each request is prefilled on its own (optionally in chunks), then all live requests decode together, one token per
 step, each at its own position. Sampling draws from a counter-based generator keyed by (seed, request id, position),
 so a request's tokens do not depend on which other requests share its batch.
+
+On a GPU a decode step runs as a CUDA graph: the batch is padded to a bucket size (a power of two, rows of the
+cache's scratch slot), and each bucket's whole step (every layer, the head and sampling) is captured once and
+replayed. Eager execution (`graphs=False`) pads the same way, so replay and eager give the same bits at every
+level. On the CPU, steps run eagerly at their own size.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from dsv4.cache import KVCache
+from dsv4.cache import KVCache, Step
 from dsv4.errors import DSV4Error
 from dsv4.model import Transformer
 
@@ -62,15 +67,76 @@ TokenCallback = Callable[[int, int], None]          # (index of the request, new
 ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
 
 
+def bucket_sizes(max_batch: int) -> list[int]:
+    """Decode batch buckets: powers of two up to max_batch, and max_batch itself."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return sizes + [max_batch]
+
+
+class DecodeGraph:
+    """One bucket's decode step (model, head, sampling) captured as a CUDA graph over static input buffers."""
+
+    def __init__(self, engine: "Engine", batch: int, pool):
+        dev = engine.device
+        self.engine = engine
+        self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
+        self.start = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.slots = torch.full((batch,), engine.cache.scratch_slot, dtype=torch.int64, device=dev)
+        self.temperature = torch.zeros(batch, device=dev)
+        self.top_p = torch.ones(batch, device=dev)
+        self.request = torch.zeros(batch, dtype=torch.int64, device=dev)
+        # Warm up (compiles kernels, builds RoPE tables) and capture with every row on the scratch slot, so neither
+        # touches a live sequence's cache.
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits, self.next_tokens = self._step()
+        except RuntimeError as e:
+            raise DSV4Error(f"the decode step cannot be captured as a CUDA graph ({str(e).splitlines()[0]}); "
+                            f"a kernel of this op table synchronises with the host: run with --eager") from None
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.engine
+        step = Step(start=self.start, slots=self.slots, cache=e.cache, n_new=1)
+        logits = e.model(self.tokens, step)[0][:, -1]
+        tokens = e.model.ops.sample(logits, self.temperature, self.top_p, e.seed, self.request, self.start + 1)
+        return logits, tokens
+
+    def __call__(self, slots, tokens, start, requests) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(slots)
+        pad = self.slots.shape[0] - n
+        scratch = self.engine.cache.scratch_slot
+        as_long = dict(dtype=torch.int64)
+        self.slots.copy_(torch.tensor(list(slots) + [scratch] * pad, **as_long))
+        self.tokens.copy_(torch.tensor(list(tokens) + [0] * pad, **as_long)[:, None])
+        self.start.copy_(torch.tensor(list(start) + [0] * pad, **as_long))
+        self.temperature.copy_(torch.tensor([r.temperature for r in requests] + [0.0] * pad))
+        self.top_p.copy_(torch.tensor([r.top_p for r in requests] + [1.0] * pad))
+        self.request.copy_(torch.tensor([r.request_id for r in requests] + [0] * pad, **as_long))
+        self.graph.replay()
+        return self.next_tokens[:n], self.logits[:n]
+
+
 class Engine:
     def __init__(self, model: Transformer, device: torch.device, seed: int = 0, max_batch: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, cache_blocks: int | None = None, graphs: bool | None = None):
         self.model, self.device, self.seed = model, torch.device(device), seed
         self.config = model.config
         self.max_batch = max_batch or self.config.max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache(self.config, self.max_batch, self.device)
+        self.cache = KVCache(self.config, self.max_batch, self.device, blocks=cache_blocks)
         self.timings = Timings()
+        # Buckets (and graphs) where a step has a launch cost worth removing; expert parallelism runs eagerly.
+        on_gpu = self.device.type == "cuda" and not any(getattr(b.ffn, "group", None) for b in model.layers)
+        self.buckets = bucket_sizes(self.max_batch) if on_gpu else None
+        self.graphs = on_gpu if graphs is None else graphs and on_gpu
+        self._graphs: dict[int, DecodeGraph] = {}
+        self._graph_pool = None
 
     def check(self, request: Request) -> None:
         total = len(request.prompt) + request.max_new_tokens
@@ -89,7 +155,7 @@ class Engine:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: list[int], slots: list[int],
                 all_logits: bool = False) -> torch.Tensor:
-        """One model step: tokens [b, s] at per-sequence start positions in cache rows `slots`."""
+        """One eager model step: tokens [b, s] at per-sequence start positions in cache slots `slots`."""
         step = self.cache.step(start, slots, tokens.shape[1])
         logits, _ = self.model(tokens.to(self.device), step, all_logits=all_logits)
         return logits
@@ -116,6 +182,31 @@ class Engine:
                             torch.tensor(positions, device=dev))
         return tokens.tolist()
 
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], start: list[int],
+               requests: list[Request]) -> tuple[list[int], torch.Tensor]:
+        """One decode step: token tokens[i] at position start[i] of the sequence in slots[i]; returns the next
+        token of each (sampled with its request's settings at position start[i] + 1) and the logits [b, vocab]."""
+        for slot, first in zip(slots, start):
+            self.cache.reserve(slot, first + 1)
+        if self.buckets is None:
+            logits = self.forward(torch.tensor(tokens)[:, None], start, slots)[:, -1]
+            return self.sample(logits, requests, [p + 1 for p in start]), logits
+        size = next(b for b in self.buckets if b >= len(slots))
+        if self.graphs:
+            graph = self._graphs.get(size)
+            if graph is None:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                graph = self._graphs[size] = DecodeGraph(self, size, self._graph_pool)
+            next_tokens, logits = graph(slots, tokens, start, requests)
+            return next_tokens.tolist(), logits
+        pad = size - len(slots)
+        scratch = [self.cache.scratch_slot] * pad
+        logits = self.forward(torch.tensor(list(tokens) + [0] * pad)[:, None], list(start) + [0] * pad,
+                              list(slots) + scratch)[:len(slots), -1]
+        return self.sample(logits, requests, [p + 1 for p in start]), logits
+
     def generate(self, requests: list[Request], on_token: TokenCallback | None = None,
                  record_logits: bool = False, progress: ProgressCallback | None = None) -> list[Result]:
         """Generate for every request; batches of up to max_batch decode together."""
@@ -132,21 +223,21 @@ class Engine:
                         progress: ProgressCallback | None) -> None:
         eos = self.config.eos_token_id
         live: dict[int, int] = {}            # request index -> cache slot
-        last_logits: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
+        first_tokens, first_logits = [], []
         for slot, i in enumerate(indices):
-            last_logits[i] = self.prefill(requests[i].prompt, slot, progress=progress)[0, -1]
+            logits = self.prefill(requests[i].prompt, slot, progress=progress)[:, -1]
+            first_tokens += self.sample(logits, [requests[i]], [len(requests[i].prompt)])
+            first_logits.append(logits[0])
             live[i] = slot
             self.timings.prefill_tokens += len(requests[i].prompt)
         self._sync()
         self.timings.prefill_seconds += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        while live:
-            order = list(live)
-            logits = torch.stack([last_logits[i] for i in order])
-            positions = [len(requests[i].prompt) + len(results[i].tokens) for i in order]
-            sampled = self.sample(logits, [requests[i] for i in order], positions)
+        order = list(live)
+        sampled, logits = first_tokens, torch.stack(first_logits)
+        while True:
             for i, token, row in zip(order, sampled, logits):
                 results[i].tokens.append(token)
                 if record_logits:
@@ -162,11 +253,9 @@ class Engine:
             if not live:
                 break
             order = list(live)
-            tokens = torch.tensor([[results[i].tokens[-1]] for i in order])
             start = [len(requests[i].prompt) + len(results[i].tokens) - 1 for i in order]
-            out = self.forward(tokens, start, [live[i] for i in order])
-            for i, row in zip(order, out[:, -1]):
-                last_logits[i] = row
+            sampled, logits = self.decode([live[i] for i in order], [results[i].tokens[-1] for i in order], start,
+                                          [requests[i] for i in order])
             self.timings.decode_tokens += len(order)
         self._sync()
         self.timings.decode_seconds += time.perf_counter() - t0

@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 
 def _count(n: int, like: torch.Tensor) -> torch.Tensor:
-    """n as a 0-dim fp32 tensor on `like`'s device: a divisor that no device turns into a reciprocal multiply."""
-    return torch.tensor(float(n), dtype=torch.float32, device=like.device)
+    """n as a 0-dim fp32 tensor on `like`'s device: a divisor that no device turns into a reciprocal multiply
+    (a fill, not a copy from the host, so a CUDA graph can capture it)."""
+    return torch.full((), float(n), dtype=torch.float32, device=like.device)
 
 
 # -- norms, rotations, formats --------------------------------------------------------------------------------------
@@ -368,7 +369,8 @@ def moe_dispatch(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, t
     """Stable sort of the flat (token, slot) indices t*k + slot by expert id, and the rows per expert."""
     flat = experts.reshape(-1).long()
     order = torch.sort(flat, stable=True).indices
-    return order, torch.bincount(flat, minlength=n_experts)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+    return order, counts.scatter_add_(0, flat, torch.ones_like(flat))   # bincount would read its size on the host
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float, route_weight: torch.Tensor | None) -> torch.Tensor:
