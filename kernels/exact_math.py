@@ -172,6 +172,16 @@ def silu(x):
 
 
 @triton.jit
+def fp4_value(code):
+    """e2m1 code (int32 0..15) -> fp32 value, built from the bits: bit 3 sign, bits 1-2 exponent e, bit 0 mantissa m.
+    e > 0: (1 + m/2) * 2^(e-1), i.e. fp32 exponent field e + 126 and mantissa's top bit m; e = 0: m * 0.5."""
+    e = (code >> 1) & 3
+    m = code & 1
+    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22)) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def to_bf16(x):
     """fp32 -> bf16, round to nearest even on the integer bits (NaN: its top bits made quiet, as torch does)."""
     bits = x.to(tl.int32, bitcast=True)

@@ -37,16 +37,6 @@ MAX_INVARIANT_SPLITS = 8    # batch-invariant split-K depends on the shape only;
 
 
 @triton.jit
-def _fp4_value(code):
-    """e2m1 code (int32 0..15) -> fp32 value, built from the bits: bit 3 sign, bits 1-2 exponent e, bit 0 mantissa m.
-    e > 0: (1 + m/2) * 2^(e-1), i.e. fp32 exponent field e + 126 and mantissa's top bit m; e = 0: m * 0.5."""
-    e = (code >> 1) & 3
-    m = code & 1
-    bits = tl.where(e == 0, m * 0x3F000000, ((e + 126) << 23) | (m << 22)) | ((code & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _round_e4m3(v):
     """fp32 v with |v| <= 448 -> the nearest e4m3 value (ties to even), as fp32. Normal range: round the 23-bit
     mantissa to 3 bits on the integer bits; below 2^-6 the grid is 2^-9: round v * 2^9 with the 2^23 trick."""
@@ -89,7 +79,7 @@ def _weights(w_base, cols, col_ok, K, k_first, WIDTH: tl.constexpr, FP4: tl.cons
     if FP4:   # two codes per byte: even k in the low nibble, odd k in the high nibble; each byte is loaded once
         b = k_first // 2 + tl.arange(0, WIDTH // 2)
         byte = tl.load(w_base + cols[:, None] * (K // 2) + b[None, :], mask=col_ok[:, None], other=0).to(tl.int32)
-        pairs = tl.join(_fp4_value(byte & 0xF), _fp4_value((byte >> 4) & 0xF))          # [BLOCK_N, WIDTH/2, 2]
+        pairs = tl.join(em.fp4_value(byte & 0xF), em.fp4_value((byte >> 4) & 0xF))          # [BLOCK_N, WIDTH/2, 2]
         return tl.reshape(pairs, (cols.shape[0], WIDTH))
     k_idx = k_first + tl.arange(0, WIDTH)
     return tl.load(w_base + cols[:, None] * K + k_idx[None, :], mask=col_ok[:, None], other=0.0).to(tl.float32)

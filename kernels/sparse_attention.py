@@ -1,10 +1,15 @@
-"""Sparse attention with an attention sink in Triton: every query attends over its own index list of rows of one
-shared K=V head (DeepSeek-V4's sliding window + compressed entries). `hca_attention` is the same kernel over the
-window indices followed by every visible compressed entry.
+"""Sparse attention with an attention sink in Triton, reading the paged KV cache in place: every query attends over
+its own index list of rows of one shared K=V head (DeepSeek-V4's sliding window + compressed entries).
 
-Shapes: q [T, H, D] (T = b*s tokens), kv [b, N, D], idx [T, K] (-1: empty slot), sink [H]; one program per
-(token, block of heads) walks the token's index list in chunks of 64 slots (contracts.ATTENTION_CHUNK). A program
-never looks at another token, so both kernels are batch-invariant by construction.
+Rows come from two sources, as the contract says (backends/contracts.py): a slot value r below R = kv.rows is row r
+of the layer's storage (FP8 e4m3 codes times their power-of-two block scale for the non-RoPE dims, bf16 for the RoPE
+dims: the bf16 value the model rounded, decoded exactly), R + j is this step's fresh row j of the query's sequence,
+-1 is empty. `hca_attention` is the same kernel whose list is the window slots followed by every visible compressed
+entry, addressed through the sequence's block table inside the kernel (no index list is built).
+
+Shapes: q [T, H, D] (T = b*s tokens), fresh [b, F, D], idx [T, K]; one program per (token, block of heads) walks the
+token's index list in chunks of 64 slots (contracts.ATTENTION_CHUNK). A program never looks at another token, so
+both kernels are batch-invariant by construction.
 
 - `fast`: tensor cores. Scores q @ kv_chunk.T [heads, 64] and the value sum p @ kv_chunk, fp32 accumulation, online
   softmax with the hardware exp.
@@ -21,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.backends.canonical.ops import hca_indices
-from dsv4.backends.contracts import ATTENTION_CHUNK
+from dsv4.backends.contracts import ATTENTION_CHUNK, KV_FP8_BLOCK
+from dsv4.cache import PagedRows
 from dsv4.errors import DSV4Error
 from dsv4.kernels import exact_math as em
 
@@ -34,36 +39,78 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _add_value_row(pv, pr, kv_base, idx_row, first, K, cols, D: tl.constexpr):
-    """pv [BH, BD, 16] += pr [BH, 16] * kv[slot first + i, cols] for the 16 slots first .. first+15 (lane i)."""
-    lanes = tl.arange(0, 16)
-    slots = tl.load(idx_row + first + lanes, mask=first + lanes < K, other=-1)
-    v = tl.load(kv_base + slots[None, :] * D + cols[:, None], mask=(slots >= 0)[None, :], other=0.0)
-    return pv + pr[:, None, :] * v.to(tl.float32)[None, :, :]
+def _slots(idx_row, K, first, WIDTH: tl.constexpr, HCA: tl.constexpr, W, table_row, n_comp, pool_base, epb):
+    """The index-list slots first .. first+WIDTH-1 of one token ([WIDTH] int64, -1 past the list). HCA: the list is
+    the W window slots of idx_row, then the storage rows of compressed entries 0 .. n_comp-1 through table_row."""
+    p = first + tl.arange(0, WIDTH)
+    if HCA:
+        window = tl.load(idx_row + p, mask=p < W, other=-1)
+        j = tl.maximum(p - W, 0)
+        entry = (p >= W) & (j < n_comp)
+        block = tl.load(table_row + j // epb, mask=entry, other=0).to(tl.int64)
+        return tl.where(p < W, window, tl.where(entry, pool_base + block * epb + j % epb, -1))
+    return tl.load(idx_row + p, mask=p < K, other=-1)
 
 
 @triton.jit
-def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, H, N, K,
-                  D: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+def _rows(codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, slots, cols, D, NOPE: tl.constexpr):
+    """fp32 values [n, m] of the rows `slots` [n] at columns `cols` [m] (0 for an empty slot or a column >= D): a
+    stored row decodes its FP8 codes times their block scale (exact) and its bf16 RoPE tail; a fresh row is read
+    from this step's rows."""
+    valid = slots >= 0
+    fresh = slots >= n_stored
+    stored = (valid & ~fresh)[:, None]
+    c = cols[None, :]
+    in_codes = c < NOPE
+    row = slots[:, None]
+    code = tl.load(codes_ptr + row * NOPE + c, mask=stored & in_codes, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + row * (NOPE // 64) + c // 64, mask=stored & in_codes, other=0.0)
+    tail = tl.load(tail_ptr + row * (D - NOPE) + (c - NOPE), mask=stored & ~in_codes & (c < D),
+                   other=0.0).to(tl.float32)
+    new = tl.load(fresh_rows + (row - n_stored) * D + c, mask=(valid & fresh)[:, None] & (c < D),
+                  other=0.0).to(tl.float32)
+    return tl.where(fresh[:, None], new, tl.where(in_codes, code * scale, tail))
+
+
+@triton.jit
+def _add_value_rows(pv, pr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, slots, cols, D,
+                    NOPE: tl.constexpr):
+    """pv [BH, BD, 16] += pr [BH, 16] * row[slot i, cols] for 16 slots (slot i -> lane i)."""
+    v = _rows(codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, slots, cols, D, NOPE)   # [16, BD]
+    return pv + pr[:, None, :] * tl.trans(v)[None, :, :]
+
+
+@triton.jit
+def _exact_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
+                  idx_ptr, K, W, table_ptr, n_table, n_comp_ptr, pool_base, epb,
+                  sink_ptr, acc_ptr, out_ptr, scale, S, H,
+                  D: tl.constexpr, NOPE: tl.constexpr, HCA: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
+    seq = token // S
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     head_ok = heads < H
-    kv_base = kv_ptr + (token // S) * N * D
+    fresh_rows = fresh_ptr + seq * F * D
+    idx_row = idx_ptr + token * K
+    table_row = table_ptr + seq * n_table
+    if HCA:
+        n_comp = tl.load(n_comp_ptr + token)
+        length = W + n_comp
+    else:
+        n_comp = 0
+        length = K
     q_rows = q_ptr + (token * H + heads) * D
     acc_rows = acc_ptr + (token * H + heads) * D
     cols64 = tl.arange(0, 64)
     m = tl.full([BH], float("-inf"), tl.float32)
     l = tl.zeros([BH], tl.float32)
-    for c0 in range(0, K, 64):
-        slot_ids = c0 + tl.arange(0, 64)
-        slots = tl.load(idx_ptr + token * K + slot_ids, mask=slot_ids < K, other=-1)
+    for c0 in range(0, length, 64):
+        slots = _slots(idx_row, K, c0, 64, HCA, W, table_row, n_comp, pool_base, epb)
         valid = slots >= 0
         # scores: 16-lane sums of q * kv over D
         dots = tl.zeros([BH, 64, 16], tl.float32)
         for d0 in range(0, D, 64):
             qc = tl.load(q_rows[:, None] + d0 + cols64[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
-            kc = tl.load(kv_base + slots[:, None] * D + d0 + cols64[None, :], mask=valid[:, None],
-                         other=0.0).to(tl.float32)
+            kc = _rows(codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, slots, d0 + cols64, D, NOPE)
             dots = em.add_products64(dots, qc, kc)
         s = em.lane_tree(dots) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -75,13 +122,17 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
             m = m_new
             # the value sum over the 64 slots: lane i takes slots i, i+16, i+32, i+48 (in that order)
             p0, p1, p2, p3 = em.split4(em.to_bf16(p).to(tl.float32))
+            s0 = _slots(idx_row, K, c0, 16, HCA, W, table_row, n_comp, pool_base, epb)
+            s1 = _slots(idx_row, K, c0 + 16, 16, HCA, W, table_row, n_comp, pool_base, epb)
+            s2 = _slots(idx_row, K, c0 + 32, 16, HCA, W, table_row, n_comp, pool_base, epb)
+            s3 = _slots(idx_row, K, c0 + 48, 16, HCA, W, table_row, n_comp, pool_base, epb)
             for dd in range(0, D, BD):
                 cols = dd + tl.arange(0, BD)
                 pv = tl.zeros([BH, BD, 16], tl.float32)
-                pv = _add_value_row(pv, p0, kv_base, idx_ptr + token * K, c0, K, cols, D)
-                pv = _add_value_row(pv, p1, kv_base, idx_ptr + token * K, c0 + 16, K, cols, D)
-                pv = _add_value_row(pv, p2, kv_base, idx_ptr + token * K, c0 + 32, K, cols, D)
-                pv = _add_value_row(pv, p3, kv_base, idx_ptr + token * K, c0 + 48, K, cols, D)
+                pv = _add_value_rows(pv, p0, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, s0, cols, D, NOPE)
+                pv = _add_value_rows(pv, p1, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, s1, cols, D, NOPE)
+                pv = _add_value_rows(pv, p2, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, s2, cols, D, NOPE)
+                pv = _add_value_rows(pv, p3, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, s3, cols, D, NOPE)
                 acc = tl.load(acc_rows[:, None] + cols[None, :], mask=head_ok[:, None], other=0.0)
                 acc = acc * corr[:, None] + em.lane_tree(pv)
                 tl.store(acc_rows[:, None] + cols[None, :], acc, mask=head_ok[:, None])
@@ -95,25 +146,35 @@ def _exact_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, acc_ptr, out_ptr, scale, S, 
 
 
 @triton.jit
-def _fast_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, scale, S, H, N, K, D,
-                 BH: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr):
+def _fast_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
+                 idx_ptr, K, W, table_ptr, n_table, n_comp_ptr, pool_base, epb,
+                 sink_ptr, out_ptr, scale, S, H, D,
+                 NOPE: tl.constexpr, HCA: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
+    seq = token // S
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     head_ok = heads < H
     cols = tl.arange(0, BD)
     col_ok = cols < D
-    kv_base = kv_ptr + (token // S) * N * D
+    fresh_rows = fresh_ptr + seq * F * D
+    idx_row = idx_ptr + token * K
+    table_row = table_ptr + seq * n_table
+    if HCA:
+        n_comp = tl.load(n_comp_ptr + token)
+        length = W + n_comp
+    else:
+        n_comp = 0
+        length = K
     q = tl.load(q_ptr + (token * H + heads)[:, None] * D + cols[None, :], mask=head_ok[:, None] & col_ok[None, :],
                 other=0.0)
-    log2_scale = scale * 1.4426950408889634
+    log2_scale = scale * em.LOG2E
     m = tl.full([BH], float("-inf"), tl.float32)
     l = tl.zeros([BH], tl.float32)
     acc = tl.zeros([BH, BD], tl.float32)
-    for c0 in range(0, K, 64):
-        slot_ids = c0 + tl.arange(0, 64)
-        slots = tl.load(idx_ptr + token * K + slot_ids, mask=slot_ids < K, other=-1)
+    for c0 in range(0, length, 64):
+        slots = _slots(idx_row, K, c0, 64, HCA, W, table_row, n_comp, pool_base, epb)
         valid = slots >= 0
-        kv = tl.load(kv_base + slots[:, None] * D + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
+        kv = _rows(codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, slots, cols, D, NOPE).to(tl.bfloat16)
         if UPCAST:      # Triton 3.6's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold the same values
             s = tl.dot(q.to(tl.float32), tl.trans(kv.to(tl.float32))) * log2_scale
         else:
@@ -129,54 +190,63 @@ def _fast_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, scale, S, H, N, K, D
         else:
             acc = acc * corr[:, None] + tl.dot(p.to(tl.bfloat16), kv)
         m = m_new
-    sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0) * 1.4426950408889634
+    sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0) * em.LOG2E
     m_use = tl.where(m == float("-inf"), 0.0, m)
     o = acc / (l + tl.exp2(sink - m_use))[:, None]
     tl.store(out_ptr + (token * H + heads)[:, None] * D + cols[None, :], o.to(tl.bfloat16),
              mask=head_ok[:, None] & col_ok[None, :])
 
 
-def _launch(kind: str, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-            scale: float) -> torch.Tensor:
+def _launch(kind: str, q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+            scale: float, hca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """idx: the index list [b, s, K], or with hca = (block_table, n_comp) the window slots [b, s, W]."""
     b, s, h, d = q.shape
-    if kv.shape[0] != b or kv.shape[-1] != d or idx.shape[:2] != (b, s):
-        raise DSV4Error(f"sparse_attention: q {tuple(q.shape)}, kv {tuple(kv.shape)} and idx {tuple(idx.shape)} "
-                        "disagree on batch, length or head dim")
+    nope = kv.scale.shape[1] * kv.block
+    if fresh.shape[0] != b or fresh.shape[-1] != d or kv.width != d or idx.shape[:2] != (b, s):
+        raise DSV4Error(f"sparse_attention: q {tuple(q.shape)}, fresh {tuple(fresh.shape)}, stored rows of width "
+                        f"{kv.width} and idx {tuple(idx.shape)} disagree on batch, length or head dim")
+    if kv.fmt != "fp8" or kv.block != KV_FP8_BLOCK or d % 64 or nope % 64:
+        raise DSV4Error(f"the Triton attention kernels read FP8 rows in blocks of {KV_FP8_BLOCK} with a head dim "
+                        f"divisible by 64; got {kv.fmt} blocks of {kv.block}, head dim {d}, {nope} FP8 dims")
     tokens = b * s
     qf = q.reshape(tokens, h, d).contiguous()
-    kvc = kv.contiguous()
     idxf = idx.reshape(tokens, -1).contiguous()
-    k_slots = idxf.shape[1]
     out = torch.empty(tokens, h, d, dtype=torch.bfloat16, device=q.device)
     if tokens == 0:
         return out.view(b, s, h, d)
-    sinkf = sink.float().contiguous()
+    if hca is None:
+        table, n_comp = idxf, idxf            # unread: any tensor
+        k_slots, window, n_table, pool_base, epb = idxf.shape[1], 0, 0, 0, 1
+    else:
+        table, n_comp = hca[0].contiguous(), hca[1].reshape(tokens).contiguous()
+        k_slots = window = idxf.shape[1]
+        n_table, pool_base, epb = table.shape[1], kv.pool_base, kv.entries_per_block
+    args = (qf, kv.codes, kv.scale, kv.tail, kv.rows, fresh.contiguous(), fresh.shape[1],
+            idxf, k_slots, window, table, n_table, n_comp, pool_base, epb, sink.float().contiguous())
     if kind == "exact":
-        if d % 64:
-            raise DSV4Error(f"the exact sparse_attention kernel needs a head dim divisible by 64, got {d}")
         acc = torch.zeros(tokens, h, d, dtype=torch.float32, device=q.device)
         _exact_kernel[(tokens, triton.cdiv(h, EXACT_HEADS))](
-            qf, kvc, idxf, sinkf, acc, out, scale, s, h, kv.shape[1], k_slots, D=d, BH=EXACT_HEADS,
-            BD=EXACT_BLOCK_D, enable_fp_fusion=False)
+            *args, acc, out, scale, s, h, D=d, NOPE=nope, HCA=hca is not None, BH=EXACT_HEADS, BD=EXACT_BLOCK_D,
+            enable_fp_fusion=False)
     else:
         _fast_kernel[(tokens, triton.cdiv(h, FAST_HEADS))](
-            qf, kvc, idxf, sinkf, out, scale, s, h, kv.shape[1], k_slots, d, BH=FAST_HEADS,
-            BD=triton.next_power_of_2(d), UPCAST=INTERPRETED, num_warps=8)
+            *args, out, scale, s, h, d, NOPE=nope, HCA=hca is not None, BH=FAST_HEADS, BD=triton.next_power_of_2(d),
+            UPCAST=INTERPRETED, num_warps=8)
     return out.view(b, s, h, d)
 
 
 def sparse_attention(kind: str):
     """The registry kernel `sparse_attention` of the given kind ('fast' or 'exact')."""
-    def run(q, kv, idx, sink, scale):
-        return _launch(kind, q, kv, idx, sink, scale)
+    def run(q, kv, fresh, idx, sink, scale):
+        return _launch(kind, q, kv, fresh, idx, sink, scale)
     run.__name__ = f"sparse_attention_{kind}"
     return run
 
 
 def hca_attention(kind: str):
-    """The registry kernel `hca_attention` of the given kind: the sparse kernel over the HCA index list."""
-    def run(q, kv, window_idx, comp_offset, n_comp, sink, scale):
-        width = kv.shape[1] - comp_offset      # every compressed row kv holds: no host sync, same result
-        return _launch(kind, q, kv, hca_indices(window_idx, comp_offset, n_comp, width), sink, scale)
+    """The registry kernel `hca_attention` of the given kind: the sparse kernel over the window slots, then every
+    visible compressed entry through the block table."""
+    def run(q, kv, fresh, window_idx, block_table, n_comp, sink, scale):
+        return _launch(kind, q, kv, fresh, window_idx, sink, scale, hca=(block_table, n_comp))
     run.__name__ = f"hca_attention_{kind}"
     return run
