@@ -86,11 +86,11 @@ ENTRIES: list[Entry] = [
           "only when triton-ascend is importable with an NPU target; one program per (row, channel block); written "
           "in the canonical order (exact on the H100), declared batch-invariant until verified on Ascend",
           "kernels/compress_pool.py"),
-    Entry("mhc_pre", "triton_mhc_pre", "dsv4.kernels.mhc_pre:mhc_pre",
-          "Triton-Ascend kernel kernels/mhc_pre.py", TRITON, Level.FAST, CHIPS,
+    Entry("mhc_pre", "triton_mhc_pre", "dsv4.kernels.mhc:mhc_pre",
+          "Triton-Ascend kernel kernels/mhc.py", TRITON, Level.FAST, CHIPS,
           "only when triton-ascend is importable with an NPU target; one program per token: mixes, Sinkhorn, "
           "collapse; written in the canonical order (exact on the H100), declared fast until verified on Ascend",
-          "kernels/mhc_pre.py"),
+          "kernels/mhc.py"),
 ]
 
 NO_OPERATOR: dict[str, str] = {

@@ -3,9 +3,9 @@ of a preset, random weights on one GPU, decode steps and prefills at every deter
 
 A decode step is one new token for each of `batch` sequences that already hold `context` tokens (the window ring,
 compressed entries and indexer keys are filled with random values); a prefill is one prompt of `length` tokens. Each
-is timed two ways: wall time per step (CUDA events around the eager step, host work included: the model core reads
-a few sizes on the host, so a step is not graph-capturable) and GPU busy time (the sum of the step's kernel times,
-from the profiler). The decode step is reported against its weight-read floor: the bytes of every weight the step
+is timed three ways: eager wall time per step (CUDA events around the step, host launch work included), wall time
+of the step replayed as a CUDA graph (how the engine runs a decode step), and GPU busy time (the sum of the step's
+kernel times, from the profiler, which also names the costliest kernels). The decode step is reported against its weight-read floor: the bytes of every weight the step
 must read (all non-routed weights plus the routed experts that `batch` tokens are expected to hit under uniform
 routing), divided by the HBM bandwidth measured in the same run.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -34,9 +34,12 @@ class Row:
     phase: str
     size: int               # decode: batch; prefill: prompt length
     level: str
-    wall_us: float
+    wall_us: float          # eager, host work included
+    graph_us: float | None  # replayed as a CUDA graph (None: the step could not be captured)
     gpu_us: float
     floor_us: float         # decode: weight-read floor; prefill: 0 (compute-bound)
+    kernels: int = 0        # kernel launches in one step
+    top: list = field(default_factory=list)   # the costliest kernels: [name, microseconds, calls]
 
 
 def layer_config(preset_name: str, kind: str, batch: int, tokens: int) -> ModelConfig:
@@ -50,25 +53,34 @@ def random_block(config: ModelConfig, ops: OpTable, device: torch.device) -> Blo
     """Block 0 built on the device with random weights in sensible ranges (timing does not depend on the values)."""
     with torch.device(device):
         block = Block(ops, config, 0)
-    for name, p in block.named_parameters():
+    randomise(block, config)
+    return block
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, config: ModelConfig) -> None:
+    """Fill every parameter with random values of its format: valid FP8/FP4 codes, power-of-two scales, unit norms,
+    expert ids for hash routing, small Gaussian weights elsewhere."""
+    for name, p in module.named_parameters():
         if p.dtype == torch.float8_e4m3fn:
-            p.copy_((torch.randn(p.shape, device=device) * 0.5).to(torch.float8_e4m3fn))
+            p.copy_((torch.randn(p.shape, device=p.device) * 0.5).to(torch.float8_e4m3fn))
         elif p.dtype == torch.int8:                       # packed FP4 codes: every byte is valid
-            p.copy_(torch.randint(-128, 128, p.shape, device=device, dtype=torch.int8))
+            p.copy_(torch.randint(-128, 128, p.shape, device=p.device, dtype=torch.int8))
+        elif p.dtype == torch.int64:                      # hash routing: token id -> expert ids
+            p.copy_(torch.randint(0, config.n_routed_experts, p.shape, device=p.device))
         elif name.endswith("scale") and p.dim() == 2:     # quantisation scales: powers of two
             p.fill_(2.0 ** -7)
-        elif name.endswith(("norm.weight", "hc_attn_scale", "hc_ffn_scale")):
+        elif name.endswith(("norm.weight", "hc_attn_scale", "hc_ffn_scale", "hc_head_scale")):
             p.fill_(1.0)
         elif name.endswith(("bias", "base", "attn_sink", "ape")):
             p.zero_()
         else:
-            p.copy_(torch.randn(p.shape, device=device) * p.shape[-1] ** -0.5)
-    return block
+            p.copy_(torch.randn(p.shape, device=p.device) * p.shape[-1] ** -0.5)
 
 
-def use_ops(block: Block, ops: OpTable) -> None:
-    """Point every module of the block at another op table (another determinism level)."""
-    for module in block.modules():
+def use_ops(model: torch.nn.Module, ops: OpTable) -> None:
+    """Point every module of a block or model at another op table (another determinism level)."""
+    for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
 
@@ -84,7 +96,7 @@ def weight_bytes(block: Block, config: ModelConfig, batch: int) -> int:
     return rest + int(routed * hit / E)
 
 
-def _fill_cache(cache: KVCache) -> None:
+def fill_cache(cache: KVCache) -> None:
     """Random stored rows (window rings and compressed entries) in every layer."""
     for layer in cache.layers:
         stores = [layer.kv] + ([layer.indexer.entries] if layer.indexer is not None else [])
@@ -94,16 +106,37 @@ def _fill_cache(cache: KVCache) -> None:
             store.tail.normal_()
 
 
-def _time_step(step: Callable[[], object], iters: int) -> tuple[float, float]:
-    """(median wall microseconds per step, GPU busy microseconds of one step)."""
+TOP_KERNELS = 12
+
+
+def _time_step(step: Callable[[], object], iters: int, graph: bool) -> tuple[float, float | None, float, int, list]:
+    """(median eager wall us, median graph-replay us or None, GPU busy us, kernel launches, costliest kernels)."""
     step()
     torch.cuda.synchronize()
     wall = median_us(step, iters)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    busy = sum(e.self_device_time_total for e in prof.key_averages())
-    return wall, busy
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in events)
+    launches = sum(e.count for e in events)
+    top = [[e.key[:80], round(e.self_device_time_total, 1), e.count]
+           for e in sorted(events, key=lambda e: -e.self_device_time_total)[:TOP_KERNELS]]
+    return wall, _graph_us(step, iters) if graph else None, busy, launches, top
+
+
+def _graph_us(step: Callable[[], object], iters: int) -> float | None:
+    """Median microseconds of the step replayed as a CUDA graph, or None when it cannot be captured."""
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            step()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    g.replay()
+    torch.cuda.synchronize()
+    return median_us(g.replay, iters)
 
 
 def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], prefills: tuple[int, ...],
@@ -123,7 +156,7 @@ def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], pref
         for phase, size in [("decode", n) for n in batches] + [("prefill", n) for n in prefills]:
             b, s = (size, 1) if phase == "decode" else (1, size)
             cache = KVCache(config, b, dev)
-            _fill_cache(cache)
+            fill_cache(cache)
             start = context if phase == "decode" else 0
             step = cache.step([start] * b, list(range(b)), s)
             h = torch.randn(b, s, config.hc_mult, config.dim, device=dev).bfloat16()
@@ -135,8 +168,10 @@ def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], pref
                 progress(f"{kind} layer {phase} {size} {level.label}")
                 use_ops(block, table)
                 with torch.no_grad():
-                    wall, busy = _time_step(lambda: block(h, tokens, step, rope), iters=10 if s < 4096 else 3)
-                rows.append(Row(kind, phase, size, level.label, wall, busy, floor))
+                    wall, graphed, busy, launches, top = _time_step(lambda: block(h, tokens, step, rope),
+                                                                    iters=10 if s < 4096 else 3,
+                                                                    graph=phase == "decode")
+                rows.append(Row(kind, phase, size, level.label, wall, graphed, busy, floor, launches, top))
     return {**hw, "preset": preset_name, "context": context, "exact_prefill_max": exact_prefill_max,
             "rows": [asdict(r) for r in rows]}
 
@@ -144,15 +179,22 @@ def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], pref
 def table(result: dict) -> str:
     lines = [f"dsv4 bench layer on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
              f"{result['date']}), {result['preset']} dimensions, decode context {result['context']} tokens",
-             f"HBM {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s measured now; floor = weight bytes read / HBM",
-             f"{'layer':6} {'phase':7} {'size':>6} {'level':16} {'wall us':>10} {'gpu us':>10} {'floor us':>9} "
-             f"{'gpu/floor':>9} {'wall/fast':>9} {'gpu/fast':>9}"]
+             f"HBM {result['hbm_bytes_per_s'] / 1e12:.2f} TB/s measured now ({result['hbm_method']}); "
+             f"floor = weight bytes read / HBM",
+             f"{'layer':6} {'phase':7} {'size':>6} {'level':16} {'wall us':>9} {'graph us':>9} {'gpu us':>9} "
+             f"{'floor us':>9} {'graph/floor':>11} {'gpu/floor':>9} {'graph/fast':>10} {'kernels':>7}"]
     fast = {(r["layer"], r["phase"], r["size"]): r for r in result["rows"] if r["level"] == "fast"}
+    ratio = (lambda a, b: f"{a / b:.2f}" if a and b else "")
     for r in result["rows"]:
-        f = fast.get((r["layer"], r["phase"], r["size"]))
-        ratio = (lambda a, b: f"{a / b:9.2f}" if b else f"{'':9}")
-        lines.append(f"{r['layer']:6} {r['phase']:7} {r['size']:>6} {r['level']:16} {r['wall_us']:10.0f} "
-                     f"{r['gpu_us']:10.0f} {r['floor_us']:9.1f} {ratio(r['gpu_us'], r['floor_us'])} "
-                     f"{ratio(r['wall_us'], f['wall_us'] if f else 0)} {ratio(r['gpu_us'], f['gpu_us'] if f else 0)}")
+        f = fast.get((r["layer"], r["phase"], r["size"]), {})
+        graphed = f"{r['graph_us']:9.0f}" if r["graph_us"] else f"{'-':>9}"
+        lines.append(f"{r['layer']:6} {r['phase']:7} {r['size']:>6} {r['level']:16} {r['wall_us']:9.0f} {graphed} "
+                     f"{r['gpu_us']:9.0f} {r['floor_us']:9.1f} {ratio(r['graph_us'], r['floor_us']):>11} "
+                     f"{ratio(r['gpu_us'], r['floor_us']):>9} {ratio(r['graph_us'], f.get('graph_us')):>10} "
+                     f"{r['kernels']:>7}")
     lines.append(f"exact prefill timed up to {result['exact_prefill_max']} tokens")
+    for r in result["rows"]:
+        if r["phase"] == "decode" and r["size"] == 1:
+            lines.append(f"costliest kernels, {r['layer']} decode batch 1 {r['level']}: " +
+                         "; ".join(f"{name} {us:.0f}us x{calls}" for name, us, calls in r["top"]))
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Plot of a `dsv4 bench layer` result: GPU time of a decode step against batch size, one line per determinism level
-(and the weight-read floor), one panel per layer kind. Plain SVG, no plotting library needed.
+"""Plots of benchmark results: decode step time against batch size, one line per determinism level (and the floor),
+one panel per layer kind (`bench layer`) or per context (`bench model`). Plain SVG, no plotting library needed.
 
     python -m dsv4.benchmarks.plot RESULT.json OUT.svg
 """
@@ -13,14 +13,13 @@ COLOURS = {"fast": "#1f77b4", "batch-invariant": "#2ca02c", "exact": "#d62728", 
 PANEL_W, PANEL_H, MARGIN = 420, 300, 60
 
 
-def _decode_series(result: dict, layer: str) -> dict[str, list[tuple[int, float]]]:
-    """level -> [(batch, GPU microseconds)], plus 'floor' -> [(batch, weight-read floor)]."""
+def _decode_series(rows: list[dict], time_key: str) -> dict[str, list[tuple[int, float]]]:
+    """level -> [(batch, microseconds)] of decode rows, plus 'floor' -> [(batch, floor)] (from the fast rows)."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for r in result["rows"]:
-        if r["layer"] == layer and r["phase"] == "decode":
-            series.setdefault(r["level"], []).append((r["size"], r["gpu_us"]))
-            if r["level"] == "fast":
-                series.setdefault("floor", []).append((r["size"], r["floor_us"]))
+    for r in rows:
+        series.setdefault(r["level"], []).append((r.get("size", r.get("batch")), r[time_key]))
+        if r["level"] == "fast":
+            series.setdefault("floor", []).append((r.get("size", r.get("batch")), r["floor_us"]))
     return {k: sorted(v) for k, v in series.items()}
 
 
@@ -59,23 +58,39 @@ def _panel(series: dict[str, list[tuple[int, float]]], title: str, x0: int) -> l
     return out
 
 
-def layer_decode_svg(result: dict) -> str:
-    """The SVG document: one panel per layer kind of the result."""
-    layers = sorted({r["layer"] for r in result["rows"] if r["phase"] == "decode"})
-    body = []
-    for i, layer in enumerate(layers):
-        body += _panel(_decode_series(result, layer), f"{layer} layer decode step, GPU time", i * PANEL_W)
-    caption = (f"{result['preset']} on {result['device']}, torch {result['torch']}, triton {result['triton']}, "
-               f"{result['date']}; context {result['context']} tokens")
-    width = PANEL_W * max(1, len(layers))
+def _svg(panels: list[list[str]], caption: str) -> str:
+    width = PANEL_W * max(1, len(panels))
     return "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{PANEL_H + 20}" '
-                      'font-family="sans-serif">', '<rect width="100%" height="100%" fill="white"/>', *body,
+                      'font-family="sans-serif">', '<rect width="100%" height="100%" fill="white"/>',
+                      *(line for panel in panels for line in panel),
                       f'<text x="10" y="{PANEL_H + 12}" font-size="11">{caption}</text>', "</svg>"])
+
+
+def layer_decode_svg(result: dict) -> str:
+    """One panel per layer kind of a `bench layer` result: graph-replayed step time (GPU busy time where a step was
+    not captured) against batch."""
+    decode = [dict(r, step_us=r.get("graph_us") or r["gpu_us"]) for r in result["rows"] if r["phase"] == "decode"]
+    layers = sorted({r["layer"] for r in decode})
+    panels = [_panel(_decode_series([r for r in decode if r["layer"] == layer], "step_us"),
+                     f"{layer} layer decode step", i * PANEL_W) for i, layer in enumerate(layers)]
+    return _svg(panels, f"{result['preset']} on {result['device']}, torch {result['torch']}, triton "
+                        f"{result['triton']}, {result['date']}; context {result['context']} tokens")
+
+
+def model_decode_svg(result: dict) -> str:
+    """One panel per context of a `bench model` result: time per output token against batch."""
+    decode = [r for r in result["rows"] if r["phase"] == "decode"]
+    contexts = sorted({r["context"] for r in decode if sum(d["context"] == r["context"] for d in decode) > 3})
+    panels = [_panel(_decode_series([r for r in decode if r["context"] == c], "tpot_us"),
+                     f"TPOT, context {c}", i * PANEL_W) for i, c in enumerate(contexts)]
+    return _svg(panels, f"{result['layers']} {result['preset']} layers on {result['device']}, torch "
+                        f"{result['torch']}, triton {result['triton']}, {result['date']}")
 
 
 if __name__ == "__main__":
     source, target = sys.argv[1:3]
     with open(source) as f:
-        svg = layer_decode_svg(json.load(f))
+        result = json.load(f)
+    svg = model_decode_svg(result) if "layers" in result else layer_decode_svg(result)
     with open(target, "w") as f:
         f.write(svg)

@@ -5,8 +5,8 @@ Kernels are registered in preference order per op, each with the strongest level
 every backend starts from; see docs/porting.md). Kernel sources live in dsv4.kernels (shared with Triton-Ascend).
 
 Ops without a Triton kernel here, and why: hadamard and fake_quant (a few elementwise passes over small vectors),
-moe_dispatch (a stable sort: torch's CUB radix sort is the right tool), sample (once per step, on [b, vocab]),
-mhc_head (once per step, before the head) and ep_combine (a collective).
+moe_dispatch (a stable sort: torch's CUB radix sort is the right tool), sample (once per step, on [b, vocab]) and
+ep_combine (a collective).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def unavailable_reason() -> str | None:
 def _add_triton_kernels(backend: Backend) -> None:
     from dsv4.kernels import indexer, linear, pointwise, quant_gemm, rms_norm, sparse_attention
     from dsv4.kernels.compress_pool import compress_pool
-    from dsv4.kernels.mhc_pre import mhc_pre
+    from dsv4.kernels.mhc import mhc_head, mhc_pre
 
     for kind, level in (("fast", Level.FAST), ("invariant", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
         backend.add("quant_linear", quant_gemm.quant_linear(kind), level, f"triton_{kind}")
@@ -44,7 +44,8 @@ def _add_triton_kernels(backend: Backend) -> None:
     backend.add("linear", linear.cublas_linear, Level.FAST, "cublas")
     exact = {"linear": linear.linear, "moe_gate": linear.moe_gate, "indexer_topk": indexer.indexer_topk,
              "rms_norm": rms_norm.rms_norm, "rope": pointwise.rope, "swiglu": pointwise.swiglu,
-             "compress_pool": compress_pool, "mhc_pre": mhc_pre, "mhc_post": pointwise.mhc_post, "moe_combine": pointwise.moe_combine}
+             "compress_pool": compress_pool, "mhc_pre": mhc_pre, "mhc_head": mhc_head, "mhc_post": pointwise.mhc_post,
+             "moe_combine": pointwise.moe_combine}
     for op, fn in exact.items():   # the contract's canonical order: one kernel for every level
         backend.add(op, fn, Level.EXACT, "triton_exact")
 

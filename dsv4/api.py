@@ -70,8 +70,11 @@ class Pipeline:
     def config(self):
         return self.model.config
 
-    def engine(self, seed: int = 0, max_batch: int | None = None, prefill_chunk: int | None = None) -> Engine:
-        return Engine(self.model, self.device, seed=seed, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    def engine(self, seed: int = 0, max_batch: int | None = None, prefill_chunk: int | None = None,
+               graphs: bool | None = None) -> Engine:
+        """An engine over this model; `graphs=False` keeps a GPU's decode steps eager (default: CUDA graphs)."""
+        return Engine(self.model, self.device, seed=seed, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                      graphs=graphs)
 
     def complete(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> str:

@@ -85,13 +85,15 @@ class PagedRows:
 
     def entry_rows(self, block_table: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """Storage rows of compressed entries: block_table [b, nb] int32, entries [b, ...] int64 logical entry ids
-        (-1: none, kept as -1)."""
+        (-1: none, kept as -1). An entry past the table's width maps into the null block."""
         epb = self.entries_per_block
         b = entries.shape[0]
-        flat = entries.reshape(b, -1)
-        blocks = block_table.long().gather(1, (flat.clamp(min=0) // epb).clamp(max=block_table.shape[1] - 1))
-        rows = self.pool_base + blocks * epb + flat.clamp(min=0) % epb
-        return torch.where(flat >= 0, rows, -1).view(entries.shape)
+        flat = entries.reshape(b, -1).clamp(min=0)
+        logical = flat // epb
+        inside = logical < block_table.shape[1]
+        blocks = block_table.long().gather(1, torch.where(inside, logical, 0))
+        rows = self.pool_base + torch.where(inside, blocks, NULL_BLOCK) * epb + flat % epb
+        return torch.where(entries.reshape(b, -1) >= 0, rows, -1).view(entries.shape)
 
     def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Store bf16 vectors values [..., width] at rows [...] (values already rounded to the storage grid)."""
@@ -161,7 +163,7 @@ class Step:
     slots: torch.Tensor        # [b] int64, cache slots of the sequences
     cache: "KVCache"
     n_new: int                 # s, new tokens per sequence
-    block_table: torch.Tensor = field(default=None)   # [b, nb] int32; default: the slots' rows of the cache's table
+    block_table: torch.Tensor = field(default=None)   # [b, nb] int32; default: the slots' whole rows of the table
 
     def __post_init__(self) -> None:
         if self.block_table is None:
@@ -251,12 +253,21 @@ class KVCache:
                 if state is not None:
                     state.reset(slot)
 
+    def table_width(self, length: int) -> int:
+        """Block-table columns a step over sequences of up to `length` positions reads: the blocks they cover, rounded
+        up to a power of two (so decode graphs are captured for a few widths) and at most the whole table. Kernels
+        that scan every entry a table addresses (the indexer, HCA attention) then scale with the context in use,
+        not with the configured one."""
+        return min(self.max_blocks, 1 << (blocks_for(length) - 1).bit_length())
+
     def step(self, start: list[int], slots: list[int], n_new: int) -> Step:
         """The Step for `n_new` tokens of each sequence in `slots` from positions `start`, with blocks reserved."""
         for slot, first in zip(slots, start):
             self.reserve(slot, first + n_new)
-        return Step(start=torch.tensor(start, device=self.device), slots=torch.tensor(slots, device=self.device),
-                    cache=self, n_new=n_new)
+        slot_ids = torch.tensor(slots, device=self.device)
+        width = self.table_width(max(start) + n_new)
+        return Step(start=torch.tensor(start, device=self.device), slots=slot_ids, cache=self, n_new=n_new,
+                    block_table=self.block_table[slot_ids, :width])
 
 
 def blocks_for(length: int) -> int:

@@ -143,8 +143,8 @@ def official_layout(config: ModelConfig) -> dict[str, TensorSpec]:
 
 
 def runtime_layout(config: ModelConfig, experts: range | None = None) -> dict[str, TensorSpec]:
-    """The model's state_dict: the official names and dtypes except that scales, norms, the head, the gate and the
-    compressor projections are fp32, `wo_a` is bf16 without a scale, and routed experts are stacked per layer
+    """The model's state_dict: the official names and dtypes except that scales and norms are fp32, `wo_a` is bf16
+    without a scale, and routed experts are stacked per layer
     (`….ffn.experts.w1.weight` [E, ...], `….ffn.experts.w1.scale` [E, ...]). With `experts` (one expert-parallel
     rank's share) the stacks hold only those: [len(experts), ...]."""
     n_experts = config.n_routed_experts if experts is None else len(experts)
@@ -164,9 +164,8 @@ def runtime_layout(config: ModelConfig, experts: range | None = None) -> dict[st
 def _runtime_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     if name.endswith("attn.wo_a.weight"):
         return BF16
-    upcast = (name.endswith((".scale", "norm.weight", "ffn.gate.weight", "compressor.wkv.weight",
-                             "compressor.wgate.weight")) or name == "head.weight")
-    return F32 if upcast else dtype
+    # bf16 weights stay bf16 (the head, gate and compressor projections compute fp32 products of those values)
+    return F32 if name.endswith((".scale", "norm.weight")) else dtype
 
 
 # -- random checkpoints ---------------------------------------------------------------------------------------------

@@ -137,11 +137,13 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
 @click.option("--prefill-chunk", type=int, default=None, help="Prefill the prompt in chunks of this many tokens.")
 @click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
+@click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
+              "(same bits).")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @parallel_options
 @friendly_errors
 def run(model, preset, device, determinism, ops_config, op_overrides, prompts, max_new_tokens, temperature, top_p,
-        seed, prefill_chunk, logits_out, quiet, nproc, dist_timeout):
+        seed, prefill_chunk, logits_out, eager, quiet, nproc, dist_timeout):
     """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded.
 
     One prompt streams its completion; several prompts decode together as one batch and print in order."""
@@ -166,7 +168,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
         # A request's sampling key is its prompt's content: the same tokens wherever it sits in a batch.
         requests = [Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids))
                     for ids in ([config.bos_token_id] + pipe.tokenizer.encode(p) for p in prompts)]
-        engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk)
+        engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk, graphs=not eager)
         decoder = IncrementalDecoder(pipe.tokenizer)
         streaming = len(prompts) == 1
 
@@ -432,6 +434,43 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
 
         with open(plot_out, "w") as f:
             f.write(layer_decode_svg(result))
+
+
+@bench.command("model")
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--preset", "preset_name", default="v4-flash", show_default=True,
+              help="Take every dimension and the layer pattern from this preset.")
+@click.option("--layers", type=click.IntRange(min=1), default=16, show_default=True,
+              help="The preset's first N layers (a full V4-Flash does not fit one GPU).")
+@click.option("--batches", default="1,16,64,256", show_default=True, help="Decode batch sizes.")
+@click.option("--contexts", default="8192", show_default=True, help="Positions each decoding sequence holds.")
+@click.option("--long-contexts", default="131072,1048576", show_default=True,
+              help="Further contexts, decoded at batch 1 only ('' for none).")
+@click.option("--prefill", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Prompt length of the prefill timing (0: none).")
+@click.option("--levels", default="fast,batch-invariant,exact", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Also draw time per output token against batch size per level here (SVG).")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@friendly_errors
+def bench_model(device, preset_name, layers, batches, contexts, long_contexts, prefill, levels, json_out, plot_out,
+                quiet):
+    """A stack of N layers of the preset, end to end through the engine (CUDA graphs): time per output token and
+    tokens/s per level and batch, at long contexts too, against the bytes-read floor; prefill tokens/s."""
+    from dsv4.benchmarks import model
+
+    _needs_gpu(device)
+    say = (lambda line: None) if quiet else (lambda line: click.echo(f"bench: {line}", err=True))
+    result = model.run(preset_name, layers, _sizes(batches, "--batches"), _sizes(contexts, "--contexts"), prefill,
+                       _levels(levels), device, _sizes(long_contexts, "--long-contexts"), progress=say)
+    click.echo(model.table(result))
+    _write_json(result, json_out)
+    if plot_out:
+        from dsv4.benchmarks.plot import model_decode_svg
+
+        with open(plot_out, "w") as f:
+            f.write(model_decode_svg(result))
 
 
 @bench.command("moe")

@@ -74,11 +74,12 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraph:
-    """One bucket's decode step (model, head, sampling) captured as a CUDA graph over static input buffers."""
+    """One bucket's decode step (model, head, sampling) captured as a CUDA graph over static input buffers, for a
+    batch size and a block-table width (dsv4.cache.KVCache.table_width)."""
 
-    def __init__(self, engine: "Engine", batch: int, pool):
+    def __init__(self, engine: "Engine", batch: int, width: int, pool):
         dev = engine.device
-        self.engine = engine
+        self.engine, self.width = engine, width
         self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
         self.start = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.slots = torch.full((batch,), engine.cache.scratch_slot, dtype=torch.int64, device=dev)
@@ -102,7 +103,8 @@ class DecodeGraph:
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.engine
-        step = Step(start=self.start, slots=self.slots, cache=e.cache, n_new=1)
+        step = Step(start=self.start, slots=self.slots, cache=e.cache, n_new=1,
+                    block_table=e.cache.block_table[self.slots, :self.width])
         logits = e.model(self.tokens, step)[0][:, -1]
         tokens = e.model.ops.sample(logits, self.temperature, self.top_p, e.seed, self.request, self.start + 1)
         return logits, tokens
@@ -135,7 +137,7 @@ class Engine:
         on_gpu = self.device.type == "cuda" and not any(getattr(b.ffn, "group", None) for b in model.layers)
         self.buckets = bucket_sizes(self.max_batch) if on_gpu else None
         self.graphs = on_gpu if graphs is None else graphs and on_gpu
-        self._graphs: dict[int, DecodeGraph] = {}
+        self._graphs: dict[tuple[int, int], DecodeGraph] = {}
         self._graph_pool = None
 
     def check(self, request: Request) -> None:
@@ -194,11 +196,12 @@ class Engine:
             return self.sample(logits, requests, [p + 1 for p in start]), logits
         size = next(b for b in self.buckets if b >= len(slots))
         if self.graphs:
-            graph = self._graphs.get(size)
+            key = (size, self.cache.table_width(max(start) + 1))
+            graph = self._graphs.get(key)
             if graph is None:
                 if self._graph_pool is None:
                     self._graph_pool = torch.cuda.graph_pool_handle()
-                graph = self._graphs[size] = DecodeGraph(self, size, self._graph_pool)
+                graph = self._graphs[key] = DecodeGraph(self, *key, self._graph_pool)
             next_tokens, logits = graph(slots, tokens, start, requests)
             return next_tokens.tolist(), logits
         pad = size - len(slots)

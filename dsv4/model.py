@@ -56,8 +56,8 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 # -- linear layers -------------------------------------------------------------------------------------------------
 class Linear(nn.Module):
     """A linear layer in one of the checkpoint formats: 'fp8' (e4m3 + 128x128 scales), 'fp4' (packed e2m1 + 1x32
-    scales), 'bf16' or 'fp32'. Quantised weights go through quant_linear, float weights through linear (as the
-    reference's Linear dispatch by weight dtype)."""
+    scales) or 'bf16'. Quantised weights go through quant_linear, bf16 weights through linear, whose output has the
+    input's dtype (fp32 products either way: the compressor passes fp32 rows and gets fp32 back)."""
 
     def __init__(self, ops: OpTable, in_features: int, out_features: int, fmt: str):
         super().__init__()
@@ -69,12 +69,12 @@ class Linear(nn.Module):
             self.weight = _param(out_features, in_features // 2, dtype=torch.int8)
             self.scale = _param(out_features, in_features // FP4_BLOCK, dtype=torch.float32)
         else:
-            self.weight = _param(out_features, in_features, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[fmt])
+            self.weight = _param(out_features, in_features, dtype=torch.bfloat16)
             self.scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
-            return self.ops.linear(x.to(self.weight.dtype), self.weight)
+            return self.ops.linear(x, self.weight)
         return self.ops.quant_linear(x, self.weight, self.scale)
 
 
@@ -104,8 +104,8 @@ class Compressor(nn.Module):
         width = (1 + self.overlap) * head_dim
         self.rope_dim = config.rope_head_dim
         self.ape = _param(ratio, width, dtype=torch.float32)
-        self.wkv = Linear(ops, config.dim, width, "fp32")
-        self.wgate = Linear(ops, config.dim, width, "fp32")
+        self.wkv = Linear(ops, config.dim, width, "bf16")
+        self.wgate = Linear(ops, config.dim, width, "bf16")
         self.norm = RMSNorm(ops, head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, step: Step, state: CompressorState, rope: tuple[torch.Tensor, torch.Tensor]):
@@ -309,7 +309,7 @@ class _WeightPair(nn.Module):
 class Gate(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
-        self.weight = _param(config.n_routed_experts, config.dim, dtype=torch.float32)
+        self.weight = _param(config.n_routed_experts, config.dim, dtype=torch.bfloat16)
         if config.is_hash_layer(layer_id):
             self.tid2eid = _param(config.vocab_size, config.n_activated_experts, dtype=torch.int64)
             self.bias = None
@@ -446,7 +446,7 @@ class Transformer(StreamHead):
                                  for i in range(config.n_mtp_layers))
         self.add_stream_head(ops, config)
         self.head = nn.Module()
-        self.head.weight = _param(config.vocab_size, config.dim, dtype=torch.float32)
+        self.head.weight = _param(config.vocab_size, config.dim, dtype=torch.bfloat16)
         self._rope: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope_for(self, layer_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

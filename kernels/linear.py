@@ -3,8 +3,10 @@ products x[m, k] * w[n, k] (used for the bf16/fp32 weights: wo_a's grouped proje
 projections, the output head).
 
 x [M, G, K] and w [G, N, K] (G = 1 for a plain linear; grouped: y[:, g] = x[:, g] @ w[g].T). One program per
-(BLOCK_M rows, BLOCK_N outputs, group) keeps [BLOCK_M, BLOCK_N, 16] lane accumulators; it loads 64 K columns
-per step and adds them 16 at a time.
+(BLOCK_M rows, BLOCK_N outputs, group) keeps [BLOCK_M, BLOCK_N, 16] lane accumulators; each step it issues K_STEPS
+independent 64-column loads and then adds them 16 columns at a time, in order. A lane is a chain of K/16 dependent
+additions, so at decode (a few rows) a program's speed is the latency of its loads: small calls take narrow tiles
+(more programs) and more loads in flight per step.
 Each output has its own accumulation in a fixed order, so the tile shape never changes a bit: one kernel serves every
 level. (The `fast` level on CUDA uses cuBLAS instead; see cuda/__init__.py.)
 """
@@ -16,14 +18,16 @@ import triton.language as tl
 
 from dsv4.backends.canonical.ops import route
 from dsv4.kernels import exact_math as em
+from dsv4.kernels.occupancy import target_programs
 
 ACCUMULATORS = 8192     # BLOCK_M * BLOCK_N * 16 fp32 values per program, at most
-TARGET_PROGRAMS = 264   # about two programs per SM of an H100
+LOADED = 8192           # K_STEPS * BLOCK_N * 64 weight values in flight per program, at most
+MAX_K_STEPS = 16
 
 
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_STEPS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # 64-bit offsets
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(2)
@@ -32,11 +36,13 @@ def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
     x_rows = x_ptr + (rows * G + g) * K
     w_rows = w_ptr + (g * N + cols) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N, 16], tl.float32)
-    for k0 in range(0, K, 64):
-        k_ok = (k0 + cols64 < K)[None, :]
-        x = tl.load(x_rows[:, None] + k0 + cols64[None, :], mask=row_ok[:, None] & k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_rows[:, None] + k0 + cols64[None, :], mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float32)
-        acc = em.add_products64(acc, x, w)
+    for k_first in range(0, K, 64 * K_STEPS):
+        for step in tl.static_range(K_STEPS):
+            k0 = k_first + step * 64
+            k_ok = (k0 + cols64 < K)[None, :]
+            x = tl.load(x_rows[:, None] + k0 + cols64[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
+            w = tl.load(w_rows[:, None] + k0 + cols64[None, :], mask=col_ok[:, None] & k_ok, other=0.0)
+            acc = em.add_products64(acc, x.to(tl.float32), w.to(tl.float32))
     y = em.lane_tree(acc)
     out = y_ptr + (rows[:, None] * G + g) * N + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
@@ -55,20 +61,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if m:
         block_m = min(16, triton.next_power_of_2(m))
         block_n = ACCUMULATORS // (16 * block_m)
-        while block_n > 16 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * g < TARGET_PROGRAMS:
+        target = target_programs(x.device)
+        while block_n > 2 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * g < target:
             block_n //= 2                                   # small calls: more, narrower programs
+        k_steps = max(1, min(MAX_K_STEPS, LOADED // (64 * block_n), triton.cdiv(k, 64)))
         _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), g)](
             xs, weight.contiguous(), y, m, n, k, g, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m,
-            BLOCK_N=block_n, enable_fp_fusion=False)
+            BLOCK_N=block_n, K_STEPS=k_steps, enable_fp_fusion=False)
     return y.view(*lead, g, n) if grouped else y.view(*lead, n)
 
 
 def cublas_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The `linear` contract through cuBLAS (fp32 accumulation, order of cuBLAS's choosing): the fast level."""
-    w = weight.to(x.dtype)
-    if weight.dim() == 2:
-        return torch.nn.functional.linear(x, w)
-    return torch.einsum("...gk,gnk->...gn", x, w)
+    """The `linear` contract through cuBLAS (fp32 accumulation, order of cuBLAS's choosing): the fast level. An fp32
+    input with a bf16 weight (the head, the compressor projections) multiplies in bf16 with an fp32 output: the
+    inputs the model passes there are bf16 values, and the weight is read once, not widened per call."""
+    if weight.dim() == 3:
+        return torch.einsum("...gk,gnk->...gn", x, weight.to(x.dtype))
+    if x.dtype == torch.float32 and weight.dtype == torch.bfloat16:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        return torch.mm(rows, weight.T, out_dtype=torch.float32).view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
 @triton.jit
@@ -82,7 +94,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
              k: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The `moe_gate` contract: the gate logits through the linear kernel, the affinities sqrt(softplus(logits)) in
     one kernel, then the reference's routing on the small [T, E] affinities (top-k and normalisation)."""
-    logits = linear(x.float(), weight.float())
+    logits = linear(x.float(), weight)
     a = torch.empty_like(logits)
     if logits.numel():
         block = 1024

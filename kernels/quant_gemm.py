@@ -31,9 +31,10 @@ import triton.language as tl
 
 from dsv4.backends.contracts import FP8_BLOCK
 from dsv4.kernels import exact_math as em
+from dsv4.kernels.occupancy import target_programs
 
-TARGET_PROGRAMS = 264       # about two programs per SM of an H100 (132 SMs): enough to stream the weights
 MAX_INVARIANT_SPLITS = 8    # batch-invariant split-K depends on the shape only; this bounds its partial-sum traffic
+EXACT_TERMS_BYTES = 32 << 20   # the exact kernel splits K only while every block term of the GEMM fits in this
 
 
 @triton.jit
@@ -147,7 +148,7 @@ def _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE: tl.constexpr, 
 @triton.jit
 def _gemm_kernel(xq_ptr, xs_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, tile_rows_ptr,
                  M, N, K, stride_we, stride_se, blocks_per_split, DENSE: tl.constexpr, FP4: tl.constexpr,
-                 EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 EXACT: tl.constexpr, TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     expert, row0, n_rows = _tile(tile_expert_ptr, tile_row_ptr, tile_rows_ptr, M, DENSE, BLOCK_M)
     rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)           # 64-bit offsets: tensors may exceed 2^31 elements
     row_ok = tl.arange(0, BLOCK_M) < n_rows
@@ -174,20 +175,26 @@ def _gemm_kernel(xq_ptr, xs_ptr, w_ptr, sw_ptr, y_ptr, tile_expert_ptr, tile_row
                 w = _weights(w_base, cols, col_ok, K, k0, WB, FP4).to(tl.float8e4nv)
                 part = tl.dot(q, tl.trans(w), out_dtype=tl.float32)
             term = (part * sx[:, None]) * _weight_scale(s_base, cols, col_ok, K, kb, wb, FP4)[None, :]
-            if EXACT and wb == 0:     # the contract starts from the first block's term, not from +0.0
+            if TERMS:     # exact split-K: every block term stored in its place, summed in order afterwards
+                index = kb * (128 // WB) + wb            # < 2^31 elements: the terms fit EXACT_TERMS_BYTES
+                tl.store(y_ptr + index * M * N + rows[:, None] * N + cols[None, :], term,
+                         mask=row_ok[:, None] & col_ok[None, :])
+            elif EXACT and wb == 0:     # the contract starts from the first block's term, not from +0.0
                 if kb == 0:
                     acc = term
                 else:
                     acc = acc + term
             else:
                 acc = acc + term
-    tl.store(y_ptr + split.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :], acc,
-             mask=row_ok[:, None] & col_ok[None, :])
+    if not TERMS:
+        tl.store(y_ptr + split.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :], acc,
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLITS, BLOCK: tl.constexpr):
-    """y = partial[0] + partial[1] + ... in split order (a fixed order: deterministic), cast once to bf16."""
+    """y = partial[0] + partial[1] + ... in order (a fixed order: deterministic; for the exact kernel's block terms,
+    the contract's order), cast once to bf16."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ptr = partial_ptr + i
     acc = tl.load(ptr, mask=i < MN, other=0.0)
@@ -197,12 +204,19 @@ def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLITS, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, em.to_bf16(acc), mask=i < MN)
 
 
+def tile_bound(rows: int, n_experts: int, block_m: int) -> int:
+    """The most BLOCK_M row tiles `rows` rows spread over `n_experts` experts can need: each expert with rows adds at
+    most one partial tile, and at most min(rows, experts) experts have rows (a batch-1 token hits top-k of them)."""
+    return triton.cdiv(rows, block_m) + min(rows, n_experts)
+
+
 def _tile_table(counts: torch.Tensor, block_m: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(expert, first row, row count) [n] int32 of every BLOCK_M tile of every expert's rows, built on the device (no
-    host sync, so a grouped GEMM can be captured in a CUDA graph). n = cdiv(rows, BLOCK_M) + E bounds the number of
-    tiles whatever the counts; the tiles past the last one have 0 rows and do nothing."""
+    host sync, so a grouped GEMM can be captured in a CUDA graph). n = tile_bound(...) bounds the number of tiles
+    whatever the counts; the tiles past the last one have 0 rows and do nothing, so only the experts a batch hits
+    are read."""
     n_experts = counts.numel()
-    i = torch.arange(triton.cdiv(rows, block_m) + n_experts, device=counts.device)
+    i = torch.arange(tile_bound(rows, n_experts, block_m), device=counts.device)
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)
     expert = torch.searchsorted(tile_end, i, right=True).clamp_max(n_experts - 1)
@@ -235,33 +249,37 @@ def _launch(kind: str, x: torch.Tensor, counts: torch.Tensor | None, weight: tor
         tiles = _tile_table(counts.to(x.device), block_m, t)
         n_tiles = tiles[0].numel()
     col_tiles, k_blocks = triton.cdiv(n, block_n), k // FP8_BLOCK
-    splits = _splits(kind, n_tiles, col_tiles, k_blocks)
+    target = target_programs(x.device)
+    n_terms = k // (32 if fp4 else 128)
+    splits = _splits(kind, n_tiles, col_tiles, k_blocks, target, t * n * n_terms * 4 <= EXACT_TERMS_BYTES)
     per_split = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, per_split)
+    terms = kind == "exact" and splits > 1
     xq = torch.empty(t, k, dtype=torch.float8_e4m3fn, device=x.device)
     xs = torch.empty(t, k_blocks, dtype=torch.float32, device=x.device)
     _quantize_kernel[(t, k_blocks)](x, xq, xs, k)
-    partial = torch.empty(splits, t, n, dtype=torch.float32, device=x.device)
+    partial = torch.empty(n_terms if terms else splits, t, n, dtype=torch.float32, device=x.device)
     _gemm_kernel[(n_tiles, col_tiles, splits)](
         xq, xs, weight, scale, partial, *tiles, t, n, k, weight.stride(0), scale.stride(0), per_split,
-        DENSE=counts is None, FP4=fp4, EXACT=kind == "exact", BLOCK_M=block_m, BLOCK_N=block_n,
+        DENSE=counts is None, FP4=fp4, EXACT=kind == "exact", TERMS=terms, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=4, enable_fp_fusion=kind != "exact")
     block = 1024
-    _sum_splits_kernel[(triton.cdiv(t * n, block),)](partial, y, t * n, splits, BLOCK=block)
+    _sum_splits_kernel[(triton.cdiv(t * n, block),)](partial, y, t * n, partial.shape[0], BLOCK=block)
     return y
 
 
-def _splits(kind: str, row_tiles: int, col_tiles: int, k_blocks: int) -> int:
+def _splits(kind: str, row_tiles: int, col_tiles: int, k_blocks: int, target: int, terms_fit: bool) -> int:
     """How many K ranges to split the GEMM into (split-K), so that small batches still occupy every SM.
 
-    exact: 1 (its contract accumulates the K blocks in one sequence). invariant: from the weight shape only (as if
-    one row tile), so a row's bits never depend on the batch or on how the rows spread over experts. fast: from the
-    whole grid."""
+    exact: its contract accumulates the block terms in one sequence, so a split stores every term and one pass adds
+    them in order (same bits for any split): used while the terms fit in EXACT_TERMS_BYTES. invariant: from the
+    weight shape only (as if one row tile), so a row's bits never depend on the batch or on how the rows spread over
+    experts. fast: from the whole grid."""
     if kind == "exact":
-        return 1
+        return max(1, min(k_blocks, target // (row_tiles * col_tiles))) if terms_fit else 1
     if kind == "invariant":
-        return max(1, min(k_blocks, MAX_INVARIANT_SPLITS, TARGET_PROGRAMS // col_tiles))
-    return max(1, min(k_blocks, TARGET_PROGRAMS // (row_tiles * col_tiles)))
+        return max(1, min(k_blocks, MAX_INVARIANT_SPLITS, target // col_tiles))
+    return max(1, min(k_blocks, target // (row_tiles * col_tiles)))
 
 
 def quant_linear(kind: str):

@@ -31,7 +31,7 @@ def measure() -> dict:
     from dsv4.backends import contracts
     from dsv4.backends.canonical import ops as canonical
     from dsv4.kernels.compress_pool import compress_pool
-    from dsv4.kernels.mhc_pre import mhc_pre
+    from dsv4.kernels.mhc import mhc_pre
 
     def excess(op, out, ref):   # > 0 where |out - ref| exceeds the contract's tolerance
         c = contracts.CONTRACTS[op]

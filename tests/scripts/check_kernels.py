@@ -22,7 +22,7 @@ from dsv4.backends.canonical import primitives as P
 from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK, contract
 from dsv4.cache import PagedRows
 from dsv4.formats import fake_quant, quantize_weight_fp4, quantize_weight_fp8
-from dsv4.kernels import compress_pool, exact_math, indexer, linear, mhc_pre, pointwise, quant_gemm, rms_norm
+from dsv4.kernels import compress_pool, exact_math, indexer, linear, mhc, pointwise, quant_gemm, rms_norm
 from dsv4.kernels import sparse_attention
 
 CASES: dict[str, Callable[[str], str]] = {}
@@ -116,6 +116,16 @@ def _dense_gemm_case(kind: str, make):
 for _kind in ("exact", "invariant", "fast"):
     for _make in (quantize_weight_fp8, quantize_weight_fp4):
         case(f"quant_linear {_kind} {_make.__name__[16:]}")(_dense_gemm_case(_kind, _make))
+
+
+@case("quant_linear exact, unsplit")
+def _(device):
+    """The exact kernel's one-sequence path, taken when the block terms of a split would not fit."""
+    budget, quant_gemm.EXACT_TERMS_BYTES = quant_gemm.EXACT_TERMS_BYTES, 0
+    try:
+        return _dense_gemm_case("exact", quantize_weight_fp4)(device)
+    finally:
+        quant_gemm.EXACT_TERMS_BYTES = budget
 
 
 def _expert_weights():
@@ -280,8 +290,17 @@ def _(device):
     x = torch.randn(5, 1, 4, 200, generator=gen(1)).bfloat16()
     fn, hc_scale, hc_base = (torch.randn(24, 800, generator=gen(2)) * 0.05, torch.rand(3, generator=gen(3)) + 0.5,
                              torch.randn(24, generator=gen(4)))
-    return same(mhc_pre.mhc_pre(*on(device, x, fn, hc_scale, hc_base, 1e-6, 1e-6, 20)),
+    return same(mhc.mhc_pre(*on(device, x, fn, hc_scale, hc_base, 1e-6, 1e-6, 20)),
                 C.mhc_pre(x, fn, hc_scale, hc_base, 1e-6, 1e-6, 20))
+
+
+@case("mhc_head")
+def _(device):
+    x = torch.randn(5, 1, 4, 200, generator=gen(1)).bfloat16()
+    fn, hc_scale, hc_base = (torch.randn(4, 800, generator=gen(2)) * 0.05, torch.rand(1, generator=gen(3)) + 0.5,
+                             torch.randn(4, generator=gen(4)))
+    return same(mhc.mhc_head(*on(device, x, fn, hc_scale, hc_base, 1e-6, 1e-6)),
+                C.mhc_head(x, fn, hc_scale, hc_base, 1e-6, 1e-6))
 
 
 @case("mhc_post")
