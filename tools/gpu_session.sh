@@ -3,15 +3,15 @@
 # graph replay against the CPU reference, certify the exact level, and time the decode step, the layer and a stack.
 # Each stage has its own time limit; logs and JSON go to $OUT (the device tool brings them back).
 #
-# usage (from the repository root, wheels in .whl/: dsv4 built by `pip wheel --no-deps -w .whl .`, plus click and
-# pytest):  OUT=/tmp/out tools/gpu_session.sh [STAGE ...]   (default: every stage)
+# usage (from the repository root, wheels in .whl/: dsv4 built by `pip wheel --no-deps -w .whl .`, plus click; the
+# machine's own torch, triton and pytest are used):  OUT=/tmp/out COMMIT=... tools/gpu_session.sh [STAGE ...]
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dsv4-gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
-dsv4() { python3 -m dsv4.cli "$@"; }
+dsv4=(python3 -m dsv4.cli)
 log="$OUT/session.log"
 stage() {   # stage NAME SECONDS COMMAND...: run it, time it, keep its output in the log
   local name=$1 limit=$2
@@ -25,18 +25,18 @@ wanted() { [ $# -eq 0 ] || [[ " $STAGES " == *" $1 "* ]]; }
 STAGES="$*"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  git log -1 --format='commit %H %cd' 2>/dev/null; date -u; } | tee -a "$log"
+  echo "commit ${COMMIT:-unknown}"; date -u; } | tee -a "$log"
 
 wanted kernels && stage kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k gpu \
   tests/test_graphs.py
-wanted verify && stage verify 240 dsv4 verify --backend cuda --level exact --report "$OUT/cuda-exact.json" --quiet
-wanted verify && stage compare 30 dsv4 compare docs/conformance/cpu-exact.json "$OUT/cuda-exact.json"
-wanted verify-invariant && stage verify-invariant 200 dsv4 verify --backend cuda --level batch-invariant \
+wanted verify && stage verify 240 "${dsv4[@]}" verify --backend cuda --level exact --report "$OUT/cuda-exact.json" --quiet
+wanted verify && stage compare 30 "${dsv4[@]}" compare docs/conformance/cpu-exact.json "$OUT/cuda-exact.json"
+wanted verify-invariant && stage verify-invariant 200 "${dsv4[@]}" verify --backend cuda --level batch-invariant \
   --report "$OUT/cuda-batch-invariant.json" --quiet
 wanted run && for level in fast batch-invariant exact; do
-  stage "run-$level" 60 dsv4 run --device cuda --determinism "$level" --max-new-tokens 256 --quiet
+  stage "run-$level" 60 "${dsv4[@]}" run --device cuda --determinism "$level" --max-new-tokens 256 --quiet
 done
-wanted layer && stage layer 240 dsv4 bench layer --batches 1,16,64 --prefills "" --json "$OUT/layer.json" --quiet
-wanted model && stage model 300 dsv4 bench model --layers 8 --batches 1,16,64 --long-contexts "" --prefill 0 \
+wanted layer && stage layer 240 "${dsv4[@]}" bench layer --batches 1,16,64 --prefills "" --json "$OUT/layer.json" --quiet
+wanted model && stage model 300 "${dsv4[@]}" bench model --layers 8 --batches 1,16,64 --long-contexts "" --prefill 0 \
   --json "$OUT/model.json" --quiet
 grep -E "passed|failed|error|difference|tok/s|FAILED|OK$|Traceback" "$log" | tail -40
