@@ -9,9 +9,10 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dsv4-gpu}
 mkdir -p "$OUT"
+rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
-dsv4=(python3 -m dsv4.cli)
+dsv4=(python3 -P -m dsv4.cli)     # -P: the installed dsv4, not the checkout's dsv4/ folder (no backends/ inside)
 log="$OUT/session.log"
 stage() {   # stage NAME SECONDS COMMAND...: run it, time it, keep its output in the log
   local name=$1 limit=$2
@@ -27,7 +28,7 @@ STAGES="$*"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${COMMIT:-unknown}"; date -u; } | tee -a "$log"
 
-wanted kernels && stage kernels 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k gpu \
+wanted kernels && stage kernels 240 python3 -P -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k gpu \
   tests/test_graphs.py
 wanted verify && stage verify 240 "${dsv4[@]}" verify --backend cuda --level exact --report "$OUT/cuda-exact.json" --quiet
 wanted verify && stage compare 30 "${dsv4[@]}" compare docs/conformance/cpu-exact.json "$OUT/cuda-exact.json"
