@@ -231,7 +231,7 @@ def _launch(kind: str, q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, idx:
     else:
         _fast_kernel[(tokens, triton.cdiv(h, FAST_HEADS))](
             *args, out, scale, s, h, d, NOPE=nope, HCA=hca is not None, BH=FAST_HEADS, BD=triton.next_power_of_2(d),
-            UPCAST=INTERPRETED, num_warps=8)
+            UPCAST=INTERPRETED, num_warps=8, num_stages=1)     # gathered rows: no multi-buffering (shared memory)
     return out.view(b, s, h, d)
 
 

@@ -34,7 +34,8 @@ wanted verify && stage verify 240 "${dsv4[@]}" verify --backend cuda --level exa
 wanted verify && stage compare 30 "${dsv4[@]}" compare docs/conformance/cpu-exact.json "$OUT/cuda-exact.json"
 wanted verify-invariant && stage verify-invariant 200 "${dsv4[@]}" verify --backend cuda --level batch-invariant \
   --report "$OUT/cuda-batch-invariant.json" --quiet
-wanted run && for level in fast batch-invariant exact; do
+wanted run && for level in fast batch-invariant exact; do   # the first run of a level compiles its kernels
+  stage "run-$level-compile" 90 "${dsv4[@]}" run --device cuda --determinism "$level" --max-new-tokens 16 --quiet
   stage "run-$level" 60 "${dsv4[@]}" run --device cuda --determinism "$level" --max-new-tokens 256 --quiet
 done
 wanted layer && stage layer 240 "${dsv4[@]}" bench layer --batches 1,16,64 --prefills "" --json "$OUT/layer.json" --quiet
