@@ -9,6 +9,9 @@ trick and fp32 -> bf16 rounding works on the integer bits, so Triton's CPU inter
 
 Lane sums (contracts.REDUCTION_LANES = 16): a kernel keeps 16 lane accumulators as the last dim of a tile, starts
 them at +0.0 and adds chunks of 16 elements in increasing order; `lane_tree` then halves the lanes pairwise.
+Streaming kernels load each 16-element chunk straight into a [..., 16] tile (`tl.arange(0, 16)` as the last
+offset), so a chunk is added with one elementwise op; `split4` (a register shuffle) serves kernels that hold 64
+columns at once.
 """
 from __future__ import annotations
 
@@ -79,6 +82,12 @@ def add_products64(acc, a, b):
     acc = acc + a1[:, None, :] * b1[None, :, :]
     acc = acc + a2[:, None, :] * b2[None, :, :]
     return acc + a3[:, None, :] * b3[None, :, :]
+
+
+@triton.jit
+def lane_total(acc):
+    """[A, 16] lane accumulators -> [A]: the lane tree of each row."""
+    return tl.reshape(lane_tree(tl.reshape(acc, (acc.shape[0], 1, 16))), (acc.shape[0],))
 
 
 @triton.jit

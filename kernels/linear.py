@@ -4,7 +4,7 @@ projections, the output head).
 
 x [M, G, K] and w [G, N, K] (G = 1 for a plain linear; grouped: y[:, g] = x[:, g] @ w[g].T). One program per
 (BLOCK_M rows, BLOCK_N outputs, group) keeps [BLOCK_M, BLOCK_N, 16] lane accumulators; each step it issues K_STEPS
-independent 64-column loads and then adds them 16 columns at a time, in order. A lane is a chain of K/16 dependent
+independent 16-column loads straight into lane tiles and adds them in order. A lane is a chain of K/16 dependent
 additions, so at decode (a few rows) a program's speed is the latency of its loads: small calls take narrow tiles
 (more programs) and more loads in flight per step.
 Each output has its own accumulation in a fixed order, so the tile shape never changes a bit: one kernel serves every
@@ -21,8 +21,8 @@ from dsv4.kernels import exact_math as em
 from dsv4.kernels.occupancy import target_programs
 
 ACCUMULATORS = 8192     # BLOCK_M * BLOCK_N * 16 fp32 values per program, at most
-LOADED = 8192           # K_STEPS * BLOCK_N * 64 weight values in flight per program, at most
-MAX_K_STEPS = 16
+LOADED = 8192           # K_STEPS * BLOCK_N * 16 weight values in flight per program, at most
+MAX_K_STEPS = 64
 
 
 @triton.jit
@@ -32,17 +32,17 @@ def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, G, OUT_BF16: tl.constexpr,
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(2)
     row_ok, col_ok = rows < M, cols < N
-    cols64 = tl.arange(0, 64)
+    lanes = tl.arange(0, 16)
     x_rows = x_ptr + (rows * G + g) * K
     w_rows = w_ptr + (g * N + cols) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N, 16], tl.float32)
-    for k_first in range(0, K, 64 * K_STEPS):
+    for k_first in range(0, K, 16 * K_STEPS):
         for step in tl.static_range(K_STEPS):
-            k0 = k_first + step * 64
-            k_ok = (k0 + cols64 < K)[None, :]
-            x = tl.load(x_rows[:, None] + k0 + cols64[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
-            w = tl.load(w_rows[:, None] + k0 + cols64[None, :], mask=col_ok[:, None] & k_ok, other=0.0)
-            acc = em.add_products64(acc, x.to(tl.float32), w.to(tl.float32))
+            k = k_first + step * 16 + lanes
+            k_ok = (k < K)[None, :]
+            x = tl.load(x_rows[:, None] + k[None, :], mask=row_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows[:, None] + k[None, :], mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+            acc = acc + x[:, None, :] * w[None, :, :]
     y = em.lane_tree(acc)
     out = y_ptr + (rows[:, None] * G + g) * N + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
@@ -64,10 +64,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         target = target_programs(x.device)
         while block_n > 2 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * g < target:
             block_n //= 2                                   # small calls: more, narrower programs
-        k_steps = max(1, min(MAX_K_STEPS, LOADED // (64 * block_n), triton.cdiv(k, 64)))
+        k_steps = max(1, min(MAX_K_STEPS, LOADED // (16 * block_n), triton.cdiv(k, 16)))
         _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), g)](
             xs, weight.contiguous(), y, m, n, k, g, OUT_BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m,
-            BLOCK_N=block_n, K_STEPS=k_steps, enable_fp_fusion=False)
+            BLOCK_N=block_n, K_STEPS=k_steps, num_warps=1 if block_m * block_n <= 16 else 4, enable_fp_fusion=False)
     return y.view(*lead, g, n) if grouped else y.view(*lead, n)
 
 

@@ -4,8 +4,9 @@ and `mhc_head` (mixes, pre gate, collapse).
 
 Two kernels each. The mixes, flat(x) @ fn.T over K = hc*d and the mean square of flat(x), are 16-lane sums over K
 (kernels/exact_math.py): a chain of K/16 dependent additions per lane, so their speed is the memory latency of the
-chain's loads. One program per (token, block of ROW_BLOCK rows of fn) shares them out, and each step of a program
-issues K_STEPS independent 64-column loads before adding them in order, so the loads overlap. A second kernel, one
+chain's loads. One program per (token, row of fn) shares them out, and each step of a program issues K_STEPS
+independent 16-column loads straight into lane tiles before adding them in order, so the loads overlap. A second
+kernel, one
 program per token, finishes: rsqrt of the mean square, gates (canonical sigmoid), the Sinkhorn rounds (row and
 column sums put the hc values in the first lanes of 16), the collapse. Divisions and the square root are correctly
 rounded; FMA contraction is off. hc must be a power of two (DeepSeek-V4: 4).
@@ -19,8 +20,8 @@ import triton.language as tl
 from dsv4.errors import DSV4Error
 from dsv4.kernels import exact_math as em
 
-ROW_BLOCK = 4      # rows of fn per mixes program
-K_STEPS = 8        # 64-column loads a mixes program has in flight per step
+ROW_BLOCK = 1      # rows of fn per mixes program
+K_STEPS = 64       # 16-column loads a mixes program has in flight per step
 
 
 @triton.jit
@@ -32,17 +33,16 @@ def _mixes_kernel(x_ptr, fn_ptr, out_ptr, K, ROWS, RB: tl.constexpr, K_STEPS: tl
     squares = first >= ROWS                        # the program past the fn rows forms the mean square's sum
     row_ok = rows < tl.where(squares, 0, ROWS)     # the fn rows this program reads (none for the squares)
     x_row = x_ptr + token * K
-    cols64 = tl.arange(0, 64)
-    acc = tl.zeros([RB, 1, 16], tl.float32)
-    for k0 in range(0, K, 64 * K_STEPS):
+    lanes = tl.arange(0, 16)
+    acc = tl.zeros([RB, 16], tl.float32)
+    for k0 in range(0, K, 16 * K_STEPS):
         for step in tl.static_range(K_STEPS):
-            k = k0 + step * 64 + cols64
+            k = k0 + step * 16 + lanes
             in_k = k < K
             xk = tl.load(x_row + k, mask=in_k, other=0.0).to(tl.float32)[None, :]
             f = tl.load(fn_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None] & in_k[None, :], other=0.0)
-            a = tl.where(squares, tl.broadcast_to(xk, (RB, 64)), f)
-            acc = em.add_products64(acc, a, xk)
-    sums = tl.reshape(em.lane_tree(acc), (RB,))
+            acc = acc + tl.where(squares, tl.broadcast_to(xk, (RB, 16)), f) * xk
+    sums = em.lane_total(acc)
     out_rows = tl.where(squares, ROWS, rows)
     tl.store(out_ptr + token * (ROWS + 1) + out_rows, sums, mask=out_rows < tl.where(squares, ROWS + 1, ROWS))
 
@@ -53,7 +53,7 @@ def _mixes(x: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
     rows = fn.shape[0]
     out = torch.empty(n, rows + 1, dtype=torch.float32, device=x.device)
     _mixes_kernel[(n, triton.cdiv(rows, ROW_BLOCK) + 1)](x, fn.float().contiguous(), out, k, rows, RB=ROW_BLOCK,
-                                                         K_STEPS=K_STEPS, enable_fp_fusion=False)
+                                                         K_STEPS=K_STEPS, num_warps=1, enable_fp_fusion=False)
     return out
 
 

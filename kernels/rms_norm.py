@@ -1,9 +1,9 @@
 """RMSNorm in Triton, in the contract's canonical order (so one kernel serves every level).
 
 x [R, n] -> weight * (x * 1/sqrt(s/n + eps)), s the 16-lane sum of x^2. One program per BLOCK_R rows: a first pass
-forms the lane sums (K_STEPS independent 64-column loads in flight per step, added 16 columns at a time in order: the
+forms the lane sums (K_STEPS independent 16-column loads straight into lane tiles per step, added in order: the
 lanes are a chain of dependent additions, so overlapping the loads is what makes it fast), a second scales the row
-BLOCK_N columns at a time. Division and square root are correctly rounded; no FMA contraction.
+BLOCK_N columns at a time. Few rows (decode) take one row per program. Division and square root are correctly rounded; no FMA contraction.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import triton.language as tl
 
 from dsv4.kernels import exact_math as em
 
-BLOCK_R = 16
+BLOCK_R = 16        # rows per program when there are many (prefill); one otherwise
 BLOCK_N = 1024
-K_STEPS = 8
+K_STEPS = 32
 
 
 @triton.jit
@@ -23,19 +23,15 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, n, eps, HAS_WEIGHT: tl.constexpr, O
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, K_STEPS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)   # 64-bit offsets
     row_ok = rows < R
-    cols64 = tl.arange(0, 64)
-    acc = tl.zeros([BLOCK_R, 1, 16], tl.float32)
-    for k0 in range(0, n, 64 * K_STEPS):
+    lanes = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_R, 16], tl.float32)
+    for k0 in range(0, n, 16 * K_STEPS):
         for step in tl.static_range(K_STEPS):
-            c0 = k0 + step * 64
-            x = tl.load(x_ptr + rows[:, None] * n + c0 + cols64[None, :],
-                        mask=row_ok[:, None] & (c0 + cols64 < n)[None, :], other=0.0).to(tl.float32)
-            x0, x1, x2, x3 = em.split4(x * x)     # the four 16-column chunks, in order
-            acc = acc + x0[:, None, :]
-            acc = acc + x1[:, None, :]
-            acc = acc + x2[:, None, :]
-            acc = acc + x3[:, None, :]
-    s = tl.reshape(em.lane_tree(acc), (BLOCK_R,))
+            c = k0 + step * 16 + lanes
+            x = tl.load(x_ptr + rows[:, None] * n + c[None, :], mask=row_ok[:, None] & (c < n)[None, :],
+                        other=0.0).to(tl.float32)
+            acc = acc + x * x
+    s = em.lane_total(acc)
     mean = em.div(s, tl.full(s.shape, n, tl.float32))
     inv = em.div(tl.full(s.shape, 1.0, tl.float32), tl.sqrt_rn(mean + eps))
     for c0 in range(0, n, BLOCK_N):
@@ -54,8 +50,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     y = torch.empty_like(rows)
     if rows.shape[0]:
         w = weight.float().contiguous() if weight is not None else rows   # any pointer when there is no weight
-        _rms_norm_kernel[(triton.cdiv(rows.shape[0], BLOCK_R),)](
+        block_r = BLOCK_R if rows.shape[0] >= 4 * BLOCK_R else 1
+        _rms_norm_kernel[(triton.cdiv(rows.shape[0], block_r),)](
             rows, w, y, rows.shape[0], n, eps, HAS_WEIGHT=weight is not None, OUT_BF16=x.dtype == torch.bfloat16,
-            BLOCK_R=BLOCK_R, BLOCK_N=min(BLOCK_N, triton.next_power_of_2(n)), K_STEPS=K_STEPS, num_warps=8,
-            enable_fp_fusion=False)
+            BLOCK_R=block_r, BLOCK_N=min(BLOCK_N, triton.next_power_of_2(n)), K_STEPS=K_STEPS,
+            num_warps=4 if block_r > 1 else 2, enable_fp_fusion=False)
     return y.view(x.shape)
