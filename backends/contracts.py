@@ -60,6 +60,13 @@ CONTRACTS: dict[str, OpContract] = {c.name: c for c in [
         "scale 2^ceil(log2(max(amax,6*2^-126)/6))) with round-to-nearest-even, then dequantise. Exact everywhere "
         "(power-of-two scales).", atol=0.0, rtol=0.0),
     OpContract(
+        "encode_rows", "encode_rows(x[n, q] bf16, fmt: 'fp8'|'fp4', block) -> (codes [n, q] float8_e4m3fn | "
+        "[n, q/2] uint8, scale [n, q/block] fp32)",
+        "The cache's storage form of values that fake_quant already rounded: each block's scale computed from its "
+        "amax exactly as fake_quant computes it, and its e4m3 codes (fp8) or e2m1 codes packed two per byte, "
+        "element 2i in the low nibble (fp4). codes * scale gives x back exactly. Exact everywhere.",
+        atol=0.0, rtol=0.0, exact_only_output=True),
+    OpContract(
         "linear", "linear(x[..., K] bf16|fp32, weight[N, K] or [G, N, K] bf16|fp32) -> [..., N] x.dtype",
         "y = x @ weight.T (grouped: y[..., g, :] = x[..., g, :] @ weight[g].T); products in fp32, lanesum over K, "
         "one cast to x.dtype.", **_BF16),

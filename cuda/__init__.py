@@ -4,9 +4,8 @@ Kernels are registered in preference order per op, each with the strongest level
 `dsv4 verify`): tensor-core kernels first, then the exact kernels, then the canonical composite (exact, the floor
 every backend starts from; see docs/porting.md). Kernel sources live in dsv4.kernels (shared with Triton-Ascend).
 
-Ops without a Triton kernel here, and why: hadamard and fake_quant (a few elementwise passes over small vectors),
-moe_dispatch (a stable sort: torch's CUB radix sort is the right tool), sample (once per step, on [b, vocab]) and
-ep_combine (a collective).
+Ops without a Triton kernel here, and why: moe_dispatch (a stable sort: torch's CUB radix sort is the right tool),
+sample (once per step, on [b, vocab]) and ep_combine (a collective).
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ def unavailable_reason() -> str | None:
 
 
 def _add_triton_kernels(backend: Backend) -> None:
-    from dsv4.kernels import indexer, linear, pointwise, quant_gemm, rms_norm, sparse_attention
+    from dsv4.kernels import indexer, linear, pointwise, quant_gemm, quantize, rms_norm, sparse_attention
     from dsv4.kernels.compress_pool import compress_pool
     from dsv4.kernels.mhc import mhc_head, mhc_pre
 
@@ -45,7 +44,8 @@ def _add_triton_kernels(backend: Backend) -> None:
     exact = {"linear": linear.linear, "moe_gate": linear.moe_gate, "indexer_topk": indexer.indexer_topk,
              "rms_norm": rms_norm.rms_norm, "rope": pointwise.rope, "swiglu": pointwise.swiglu,
              "compress_pool": compress_pool, "mhc_pre": mhc_pre, "mhc_head": mhc_head, "mhc_post": pointwise.mhc_post,
-             "moe_combine": pointwise.moe_combine}
+             "moe_combine": pointwise.moe_combine, "fake_quant": quantize.fake_quant,
+             "encode_rows": quantize.encode_rows, "hadamard": quantize.hadamard}
     for op, fn in exact.items():   # the contract's canonical order: one kernel for every level
         backend.add(op, fn, Level.EXACT, "triton_exact")
 

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from dsv4 import formats
+from dsv4.backends.canonical.ops import encode_rows as canonical_encode
 from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK
 from dsv4.config import CACHE_BLOCK, CSA_RATIO, ModelConfig
 from dsv4.errors import DSV4Error
 
 NULL_BLOCK = 0           # the physical block that unassigned table entries point at
+Encoder = Callable[[torch.Tensor, str, int], tuple[torch.Tensor, torch.Tensor]]   # the encode_rows op
 
 
 @dataclass
@@ -95,13 +98,12 @@ class PagedRows:
         rows = self.pool_base + torch.where(inside, blocks, NULL_BLOCK) * epb + flat % epb
         return torch.where(entries.reshape(b, -1) >= 0, rows, -1).view(entries.shape)
 
-    def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Store bf16 vectors values [..., width] at rows [...] (values already rounded to the storage grid)."""
+    def write(self, rows: torch.Tensor, values: torch.Tensor, encode: Encoder | None = None) -> None:
+        """Store bf16 vectors values [..., width] at rows [...] (values already rounded to the storage grid), their
+        quantised part encoded by `encode` (the `encode_rows` op; default: the canonical one)."""
         n = self.scale.shape[1] * self.block
         flat_rows, flat = rows.reshape(-1), values.reshape(-1, values.shape[-1])
-        codes, scale = formats.quantize_blocks(flat[:, :n], self.fmt, self.block)
-        if self.fmt == "fp4":
-            codes = formats.pack_fp4(codes).view(torch.uint8)
+        codes, scale = (encode or canonical_encode)(flat[:, :n].contiguous(), self.fmt, self.block)
         self.codes[flat_rows] = codes
         self.scale[flat_rows] = scale
         self.tail[flat_rows] = flat[:, n:].to(torch.bfloat16)

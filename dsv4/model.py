@@ -111,20 +111,57 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, state: CompressorState, rope: tuple[torch.Tensor, torch.Tensor]):
         """Feed `x` [b, s, d] into each sequence's block state and store every block completed in this step.
 
-        All sequences at once, with no host synchronisation: each one's timeline from the start of its first open
-        block (the rows held in the state, then the s new rows) is cut into blocks, and every block of the timeline
-        is pooled. A block that is not complete yet is stored too, at its own future entry (or in the null block):
-        no attention reads an entry before it is complete, and the block overwrites it once it is."""
+        All sequences at once, with no host synchronisation. A block that is not complete yet is pooled and stored
+        too, at its own future entry (or in the null block): no attention reads an entry before it is complete, and
+        the block overwrites it once it is. Decode (one token each) takes a short path with the same bits: the new
+        row goes into the state, and the state's block is pooled."""
+        kv = self.wkv(x.float())                                              # [b, s, width] fp32
+        score = self.wgate(x.float()) + self.ape[step.positions % self.ratio]   # the intra-block position bias
+        if step.n_new == 1:
+            pooled, blocks = self._decode_blocks(kv, score, step, state)
+        else:
+            pooled, blocks = self._timeline_blocks(kv, score, step, state)
+        entries = self.norm(pooled.to(torch.bfloat16))
+        at = (blocks.reshape(-1) * self.ratio).clamp(max=rope[0].shape[0] - 1)   # the block's start position
+        entries = self.ops.rope(entries, rope[0][at], rope[1][at], False)
+        if self.rotate:
+            entries = self.ops.fake_quant(self.ops.hadamard(entries), "fp4", FP4_BLOCK)
+        else:
+            entries = _fake_quant_nope(self.ops, entries, self.rope_dim)
+        store = state.entries
+        store.write(store.entry_rows(step.block_table, blocks), entries, self.ops.encode_rows)
+
+    def _decode_blocks(self, kv: torch.Tensor, score: torch.Tensor, step: Step,
+                       state: CompressorState) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new row per sequence: written into the state's current block at its place, then that block (with the
+        previous block's first c channels, ratio 4) is pooled. ([b, c] pooled fp32, [b, 1] entry ids.)"""
+        m, c = self.ratio, self.head_dim
+        off = m if self.overlap else 0
+        held = step.start % m
+        state.kv[step.slots, off + held] = kv[:, 0]
+        state.score[step.slots, off + held] = score[:, 0]
+        block_kv, block_score = state.kv[step.slots, off:], state.score[step.slots, off:]     # [b, m, width]
+        if self.overlap:
+            prev_kv, prev_score = state.kv[step.slots, :m], state.score[step.slots, :m]
+            done = (held == m - 1)[:, None, None]                     # the completed block becomes "previous"
+            state.kv[step.slots, :m] = torch.where(done, block_kv, prev_kv)
+            state.score[step.slots, :m] = torch.where(done, block_score, prev_score)
+            block_kv = torch.cat([prev_kv[..., :c], block_kv[..., c:]], dim=1)             # [b, 2m, c]
+            block_score = torch.cat([prev_score[..., :c], block_score[..., c:]], dim=1)
+        return self.ops.compress_pool(block_kv, block_score), (step.start // m)[:, None]
+
+    def _timeline_blocks(self, kv: torch.Tensor, score: torch.Tensor, step: Step,
+                         state: CompressorState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any number of new rows: each sequence's timeline from the start of its first open block (the rows held
+        in the state, then the s new rows) is cut into blocks, every one pooled. ([b*n, c], [b, n] entry ids.)"""
         m, c = self.ratio, self.head_dim
         off = m if self.overlap else 0                                 # state rows: [previous block,] current block
-        kv = self.wkv(x.float())                                       # [b, s, width] fp32
-        score = self.wgate(x.float()) + self.ape[step.positions % m]   # the intra-block position bias
         b, s = kv.shape[:2]
         first = step.start // m                                        # [b] the block the state holds part of
         held = step.start - first * m                                  # [b] its tokens already in the state
         n_done = (step.start + s) // m - first                         # [b] blocks completed in this step
         span = -(-(m - 1 + s) // m) * m                                # the longest timeline, in whole blocks
-        i = torch.arange(span, device=x.device)
+        i = torch.arange(span, device=kv.device)
         from_state = (i < held[:, None])[..., None]                    # [b, span, 1]
         state_row = i.clamp(max=m - 1).expand(b, span)
         new_row = (i - held[:, None]).clamp(0, s - 1)
@@ -142,22 +179,13 @@ class Compressor(nn.Module):
             prev_score = torch.cat([state.score[step.slots, None, :m], blocks_score[:, :-1]], dim=1)
             last = (n_done - 1).clamp(min=0)
             closed = (n_done > 0)[:, None, None]                      # the last complete block becomes "previous"
-            seq = torch.arange(b, device=x.device)
+            seq = torch.arange(b, device=kv.device)
             state.kv[step.slots, :m] = torch.where(closed, blocks_kv[seq, last], state.kv[step.slots, :m])
             state.score[step.slots, :m] = torch.where(closed, blocks_score[seq, last], state.score[step.slots, :m])
             blocks_kv = torch.cat([prev_kv[..., :c], blocks_kv[..., c:]], dim=2)
             blocks_score = torch.cat([prev_score[..., :c], blocks_score[..., c:]], dim=2)
-        blocks = first[:, None] + torch.arange(span // m, device=x.device)           # [b, span/m] entry ids
-        pooled = self.ops.compress_pool(blocks_kv.flatten(0, 1), blocks_score.flatten(0, 1))   # [b*span/m, c] fp32
-        entries = self.norm(pooled.to(torch.bfloat16))
-        at = (blocks.reshape(-1) * m).clamp(max=rope[0].shape[0] - 1)               # the block's start position
-        entries = self.ops.rope(entries, rope[0][at], rope[1][at], False)
-        if self.rotate:
-            entries = self.ops.fake_quant(self.ops.hadamard(entries), "fp4", FP4_BLOCK)
-        else:
-            entries = _fake_quant_nope(self.ops, entries, self.rope_dim)
-        store = state.entries
-        store.write(store.entry_rows(step.block_table, blocks), entries)
+        blocks = first[:, None] + torch.arange(span // m, device=kv.device)           # [b, span/m] entry ids
+        return self.ops.compress_pool(blocks_kv.flatten(0, 1), blocks_score.flatten(0, 1)), blocks
 
     @staticmethod
     def _keep_open_rows(saved: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor, length: torch.Tensor,
@@ -279,7 +307,7 @@ class Attention(nn.Module):
     def _write_window(self, kv: torch.Tensor, step: Step, store: PagedRows) -> None:
         keep = min(step.n_new, self.window)                                      # only the last W survive
         positions = step.positions[:, -keep:]
-        store.write(step.slots[:, None] * self.window + positions % self.window, kv[:, -keep:])
+        store.write(step.slots[:, None] * self.window + positions % self.window, kv[:, -keep:], self.ops.encode_rows)
 
 
 # -- MoE -----------------------------------------------------------------------------------------------------------

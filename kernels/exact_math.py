@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from dsv4.backends.canonical import primitives as P
-from dsv4.backends.contracts import REDUCTION_LANES
+from dsv4.backends.contracts import FP4_MAX as _FP4_MAX, FP8_MAX as _FP8_MAX, REDUCTION_LANES
+from dsv4.formats import FP4_AMAX_FLOOR as _FP4_AMAX_FLOOR, FP8_AMAX_FLOOR as _FP8_AMAX_FLOOR
 
 assert REDUCTION_LANES == 16, "lane_tree below is written for 16 lanes"
 
@@ -34,6 +35,10 @@ LN2_HI_LOG = tl.constexpr(P.LN2_HI_LOG)
 LN2_LO_LOG = tl.constexpr(P.LN2_LO_LOG)
 SQRT_HALF_BITS = tl.constexpr(P.SQRT_HALF_BITS)
 ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2^23: (x + M) - M rounds |x| < 2^22 to an integer, ties to even
+FP8_MAX = tl.constexpr(_FP8_MAX)
+FP4_MAX = tl.constexpr(_FP4_MAX)
+FP8_AMAX_FLOOR = tl.constexpr(_FP8_AMAX_FLOOR)
+FP4_AMAX_FLOOR = tl.constexpr(_FP4_AMAX_FLOOR)
 
 
 @triton.jit
@@ -178,6 +183,43 @@ def softplus(x):
 @triton.jit
 def silu(x):
     return x * sigmoid(x)
+
+
+@triton.jit
+def block_scale(amax, floor, qmax):
+    """(scale, 1 / scale) of a quantisation block: 2^ceil(log2(max(amax, floor) / qmax)) from the IEEE bits of the
+    correctly rounded quotient (dsv4.formats.block_scales), and its exact inverse."""
+    bits = tl.math.div_rn(tl.maximum(amax, floor), tl.full(amax.shape, qmax, tl.float32)).to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return (exponent << 23).to(tl.float32, bitcast=True), ((254 - exponent) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_e4m3(v):
+    """fp32 v with |v| <= 448 -> the nearest e4m3 value (ties to even), as fp32, with v's sign (also on a zero).
+    Normal range: round the 23-bit mantissa to 3 bits on the integer bits; below 2^-6 the grid is 2^-9: round
+    v * 2^9 with the 2^23 trick."""
+    a = tl.abs(v)
+    bits = a.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & ~0xFFFFF).to(tl.float32, bitcast=True)
+    sub = ((a * 512.0 + 8388608.0) - 8388608.0) * 0.001953125
+    r = tl.where(a < 0.015625, sub, normal)
+    return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)
+
+
+@triton.jit
+def e2m1_magnitude_code(a):
+    """|v| <= 6 -> the e2m1 magnitude code 0..7 of the nearest value of (0, .5, 1, 1.5, 2, 3, 4, 6), ties to the even
+    code (dsv4.formats.fp4_codes: strict where the lower code is even, inclusive where it is odd)."""
+    return ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) + (a >= 1.75).to(tl.int32)
+            + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+
+
+@triton.jit
+def e2m1_code(v):
+    """fp32 v with |v| <= 6 -> its e2m1 code (int32 0..15): bit 3 the sign (also of a zero), bits 0-2 the magnitude."""
+    return e2m1_magnitude_code(tl.abs(v)) | ((v.to(tl.int32, bitcast=True) >> 28) & 8)
 
 
 @triton.jit

@@ -21,6 +21,6 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def target_programs(device: torch.device) -> int:
-    """Programs that one launch should have on `device`."""
-    return PROGRAMS_PER_SM * _multiprocessors(device)
+def target_programs(device: torch.device, per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Programs that one launch should have on `device` (`per_sm` per multiprocessor)."""
+    return per_sm * _multiprocessors(device)

@@ -35,35 +35,20 @@ from dsv4.kernels.occupancy import target_programs
 
 MAX_INVARIANT_SPLITS = 8    # batch-invariant split-K depends on the shape only; this bounds its partial-sum traffic
 EXACT_TERMS_BYTES = 32 << 20   # the exact kernel splits K only while every block term of the GEMM fits in this
-
-
-@triton.jit
-def _round_e4m3(v):
-    """fp32 v with |v| <= 448 -> the nearest e4m3 value (ties to even), as fp32. Normal range: round the 23-bit
-    mantissa to 3 bits on the integer bits; below 2^-6 the grid is 2^-9: round v * 2^9 with the 2^23 trick."""
-    a = tl.abs(v)
-    bits = a.to(tl.int32, bitcast=True)
-    lsb = (bits >> 20) & 1
-    normal = ((bits + 0x7FFFF + lsb) & ~0xFFFFF).to(tl.float32, bitcast=True)
-    sub = ((a * 512.0 + 8388608.0) - 8388608.0) * 0.001953125
-    r = tl.where(a < 0.015625, sub, normal)
-    return tl.where(v < 0, -r, r)
+PROGRAMS_PER_SM = 8         # a decode GEMM streams a weight once: many short K ranges keep more loads in flight
 
 
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, K):
-    """One row's 128-wide K block: ue8m0 scale 2^ceil(log2(max(amax, 1e-4) / 448)) and the e4m3 codes of x / scale
-    (dividing by a power of two is multiplying by its exact inverse)."""
+    """One row's 128-wide K block: ue8m0 scale 2^ceil(log2(max(amax, FP8_AMAX_FLOOR) / FP8_MAX)) and the e4m3 codes
+    of x / scale (dividing by a power of two is multiplying by its exact inverse)."""
     row, kb = tl.program_id(0).to(tl.int64), tl.program_id(1)    # 64-bit offsets
     ks = kb * 128 + tl.arange(0, 128)[None, :]                  # a [1, 128] tile: one row
     x = tl.load(x_ptr + row * K + ks).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)           # [1]
-    bits = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)).to(tl.int32, bitcast=True)
-    exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    inverse = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
-    q = _round_e4m3(tl.minimum(tl.maximum(x * inverse[:, None], -448.0), 448.0))
+    scale, inverse = em.block_scale(tl.max(tl.abs(x), axis=1), em.FP8_AMAX_FLOOR, em.FP8_MAX)   # [1]
+    q = em.round_e4m3(tl.minimum(tl.maximum(x * inverse[:, None], -em.FP8_MAX), em.FP8_MAX))
     tl.store(q_ptr + row * K + ks, q.to(tl.float8e4nv))          # exact: q is an e4m3 value
-    tl.store(s_ptr + row * (K // 128) + kb + tl.arange(0, 1), (exponent << 23).to(tl.float32, bitcast=True))
+    tl.store(s_ptr + row * (K // 128) + kb + tl.arange(0, 1), scale)
 
 
 @triton.jit
@@ -249,7 +234,7 @@ def _launch(kind: str, x: torch.Tensor, counts: torch.Tensor | None, weight: tor
         tiles = _tile_table(counts.to(x.device), block_m, t)
         n_tiles = tiles[0].numel()
     col_tiles, k_blocks = triton.cdiv(n, block_n), k // FP8_BLOCK
-    target = target_programs(x.device)
+    target = target_programs(x.device, PROGRAMS_PER_SM)
     n_terms = k // (32 if fp4 else 128)
     splits = _splits(kind, n_tiles, col_tiles, k_blocks, target, t * n * n_terms * 4 <= EXACT_TERMS_BYTES)
     per_split = triton.cdiv(k_blocks, splits)

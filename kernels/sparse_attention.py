@@ -35,6 +35,9 @@ assert ATTENTION_CHUNK == 64, "the kernels below walk index lists in chunks of 6
 EXACT_HEADS = 4        # heads per program in the exact kernel
 EXACT_BLOCK_D = 32     # output columns per step of the exact value sum
 FAST_HEADS = 16        # heads per program in the fast kernel (the MMA's M)
+SPLIT_CHUNKS = tl.constexpr(2)   # 64-slot chunks per split of the fast kernel: a token's list is shared out over
+                                 # programs (flash-decoding); the split bounds depend on the list alone, never on the
+                                 # batch, and empty splits add exact zeros, so the kernel stays batch-invariant
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -148,11 +151,14 @@ def _exact_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
 @triton.jit
 def _fast_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
                  idx_ptr, K, W, table_ptr, n_table, n_comp_ptr, pool_base, epb,
-                 sink_ptr, out_ptr, scale, S, H, D,
+                 part_m_ptr, part_l_ptr, part_acc_ptr, scale, S, H, D, SPLITS,
                  NOPE: tl.constexpr, HCA: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr):
+    """Split `split` of a token's index list (slots [split * 64 * SPLIT_CHUNKS, ...)): its running max, sum and value
+    accumulator for a block of heads, in base-2 logits, written for `_combine_kernel`."""
     token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
     seq = token // S
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    split = tl.program_id(2)
     head_ok = heads < H
     cols = tl.arange(0, BD)
     col_ok = cols < D
@@ -171,7 +177,8 @@ def _fast_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
     m = tl.full([BH], float("-inf"), tl.float32)
     l = tl.zeros([BH], tl.float32)
     acc = tl.zeros([BH, BD], tl.float32)
-    for c0 in range(0, length, 64):
+    first = split * 64 * SPLIT_CHUNKS
+    for c0 in range(first, tl.minimum(first + 64 * SPLIT_CHUNKS, length), 64):
         slots = _slots(idx_row, K, c0, 64, HCA, W, table_row, n_comp, pool_base, epb)
         valid = slots >= 0
         kv = _rows(codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_rows, slots, cols, D, NOPE).to(tl.bfloat16)
@@ -190,11 +197,33 @@ def _fast_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
         else:
             acc = acc * corr[:, None] + tl.dot(p.to(tl.bfloat16), kv)
         m = m_new
-    sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0) * em.LOG2E
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    o = acc / (l + tl.exp2(sink - m_use))[:, None]
-    tl.store(out_ptr + (token * H + heads)[:, None] * D + cols[None, :], o.to(tl.bfloat16),
-             mask=head_ok[:, None] & col_ok[None, :])
+    part = (token * H + heads) * SPLITS + split
+    tl.store(part_m_ptr + part, m, mask=head_ok)
+    tl.store(part_l_ptr + part, l, mask=head_ok)
+    tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=head_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sink_ptr, out_ptr, H, D, SPLITS, BD: tl.constexpr):
+    """One (token, head): the splits' partial softmaxes combined in split order, the sink added, one division."""
+    row = tl.program_id(0).to(tl.int64)            # token * H + head
+    cols = tl.arange(0, BD)
+    col_ok = cols < D
+    big = tl.load(part_m_ptr + row * SPLITS)
+    for i in range(1, SPLITS):
+        big = tl.maximum(big, tl.load(part_m_ptr + row * SPLITS + i))
+    big_use = tl.where(big == float("-inf"), 0.0, big)
+    l = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BD], tl.float32)
+    for i in range(0, SPLITS):
+        m_i = tl.load(part_m_ptr + row * SPLITS + i)
+        if m_i > float("-inf"):                   # an empty split adds nothing
+            weight = tl.exp2(m_i - big_use)
+            l += tl.load(part_l_ptr + row * SPLITS + i) * weight
+            acc += tl.load(part_acc_ptr + (row * SPLITS + i) * D + cols, mask=col_ok, other=0.0) * weight
+    sink = tl.load(sink_ptr + row % H) * em.LOG2E
+    o = acc / (l + tl.exp2(sink - big_use))
+    tl.store(out_ptr + row * D + cols, o.to(tl.bfloat16), mask=col_ok)
 
 
 def _launch(kind: str, q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
@@ -229,9 +258,17 @@ def _launch(kind: str, q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, idx:
             *args, acc, out, scale, s, h, D=d, NOPE=nope, HCA=hca is not None, BH=EXACT_HEADS, BD=EXACT_BLOCK_D,
             enable_fp_fusion=False)
     else:
-        _fast_kernel[(tokens, triton.cdiv(h, FAST_HEADS))](
-            *args, out, scale, s, h, d, NOPE=nope, HCA=hca is not None, BH=FAST_HEADS, BD=triton.next_power_of_2(d),
-            UPCAST=INTERPRETED, num_warps=8, num_stages=1)     # gathered rows: no multi-buffering (shared memory)
+        longest = window + table.shape[1] * epb if hca is not None else k_slots
+        splits = max(1, triton.cdiv(longest, 64 * SPLIT_CHUNKS.value))
+        part_m = torch.empty(tokens, h, splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(tokens, h, splits, d, dtype=torch.float32, device=q.device)
+        block_d = triton.next_power_of_2(d)
+        _fast_kernel[(tokens, triton.cdiv(h, FAST_HEADS), splits)](
+            *args[:-1], part_m, part_l, part_acc, scale, s, h, d, splits, NOPE=nope, HCA=hca is not None,
+            BH=FAST_HEADS, BD=block_d, UPCAST=INTERPRETED, num_warps=8,
+            num_stages=1)                                     # gathered rows: no multi-buffering (shared memory)
+        _combine_kernel[(tokens * h,)](part_m, part_l, part_acc, args[-1], out, h, d, splits, BD=block_d)
     return out.view(b, s, h, d)
 
 

@@ -93,6 +93,12 @@ def fake_quant(x: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
     return formats.fake_quant(x, fmt, block)
 
 
+def encode_rows(x: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The storage form of rounded values: block codes (FP4 packed two per byte) and their power-of-two scales."""
+    codes, scale = formats.quantize_blocks(x, fmt, block)
+    return (formats.pack_fp4(codes).view(torch.uint8) if fmt == "fp4" else codes), scale
+
+
 # -- GEMMs --------------------------------------------------------------------------------------------------------
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T with fp32 products summed in lane order over K; grouped: y[..., g, :] = x[..., g, :] @ w[g].T."""

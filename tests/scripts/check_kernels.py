@@ -22,7 +22,7 @@ from dsv4.backends.canonical import primitives as P
 from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK, contract
 from dsv4.cache import PagedRows
 from dsv4.formats import fake_quant, quantize_weight_fp4, quantize_weight_fp8
-from dsv4.kernels import compress_pool, exact_math, indexer, linear, mhc, pointwise, quant_gemm, rms_norm
+from dsv4.kernels import compress_pool, exact_math, indexer, linear, mhc, pointwise, quant_gemm, quantize, rms_norm
 from dsv4.kernels import sparse_attention
 
 CASES: dict[str, Callable[[str], str]] = {}
@@ -217,6 +217,39 @@ def _(device):
         w, visible = torch.randn(2, 3, heads, generator=gen(4)), torch.tensor([[0, 10, 160], [3, 17, 100]])
         same(indexer.indexer_topk(*on(device, q, w, keys, table, visible, 16)),
              C.indexer_topk(q, w, keys, table, visible, 16))
+    return "bit-identical"
+
+
+def _quant_input(rows: int, n: int, seed: int) -> torch.Tensor:
+    """Values across many binades, blocks below the amax floor, signed zeros and exact grid ties."""
+    x = torch.randn(rows, n, generator=gen(seed)) * torch.logspace(-6, 3, rows)[:, None]
+    x[0, :8] = torch.tensor([0.0, -0.0, 0.25, -0.75, 1.25, 2.5, -5.0, 3.5])
+    x[1] *= 1e-9
+    return x.bfloat16()
+
+
+@case("fake_quant")
+def _(device):
+    """FP8 in blocks of 64 (448 values: 7 blocks, as the KV vectors) and FP4 in blocks of 32."""
+    for fmt, block, n in (("fp8", KV_FP8_BLOCK, 448), ("fp8", KV_FP8_BLOCK, 128), ("fp4", FP4_BLOCK, 128)):
+        x = _quant_input(9, n, 1)
+        same(quantize.fake_quant(*on(device, x, fmt, block)), C.fake_quant(x, fmt, block))
+    return "bit-identical"
+
+
+@case("encode_rows")
+def _(device):
+    for fmt, block, n in (("fp8", KV_FP8_BLOCK, 448), ("fp4", FP4_BLOCK, 128)):
+        x = C.fake_quant(_quant_input(9, n, 2), fmt, block)
+        same(quantize.encode_rows(*on(device, x, fmt, block)), C.encode_rows(x, fmt, block))
+    return "bit-identical"
+
+
+@case("hadamard")
+def _(device):
+    for n in (64, 128):
+        x = _quant_input(7, n, 3)
+        same(quantize.hadamard(on(device, x)[0]), C.hadamard(x))
     return "bit-identical"
 
 
