@@ -76,16 +76,21 @@ def _encode_kernel(x_ptr, codes_ptr, scale_ptr, R, NB: tl.constexpr, NB_PAD: tl.
 
 
 @triton.jit
+def _butterfly(y, R: tl.constexpr, N: tl.constexpr, STRIDE: tl.constexpr):
+    """One Hadamard stage on y [R, N]: element pairs (i, i + STRIDE) of each 2*STRIDE group become (a + b, a - b)."""
+    v = tl.permute(tl.reshape(y, (R, N // (2 * STRIDE), 2, STRIDE)), (0, 1, 3, 2))
+    a, b = tl.split(v)                                         # [R, N/(2 STRIDE), STRIDE] each
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, N))
+
+
+@triton.jit
 def _hadamard_kernel(x_ptr, y_ptr, R, scale, N: tl.constexpr, LOG_N: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, N)
     mask = (rows < R)[:, None]
     y = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     for level in tl.static_range(LOG_N):             # strides 1, 2, ... N/2
-        stride: tl.constexpr = 1 << level
-        v = tl.permute(tl.reshape(y, (BLOCK_R, N // (2 * stride), 2, stride)), (0, 1, 3, 2))
-        a, b = tl.split(v)                                         # [BLOCK_R, N/(2 stride), stride] each
-        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (BLOCK_R, N))
+        y = _butterfly(y, BLOCK_R, N, 1 << level)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], em.to_bf16(y * scale), mask=mask)
 
 
@@ -110,7 +115,8 @@ def fake_quant(x: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
     rows = _rows(x)
     y = torch.empty_like(rows)
     if rows.shape[0]:
-        _fake_quant_kernel[(triton.cdiv(rows.shape[0], BLOCK_R),)](rows, y, rows.shape[0], **meta)
+        _fake_quant_kernel[(triton.cdiv(rows.shape[0], BLOCK_R),)](rows, y, rows.shape[0], **meta,
+                                                                    enable_fp_fusion=False)
     return y.view(x.shape)
 
 
@@ -123,7 +129,7 @@ def encode_rows(x: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, to
              torch.empty(n, q // 2, dtype=torch.uint8, device=x.device))
     scale = torch.empty(n, q // block, dtype=torch.float32, device=x.device)
     if n:
-        _encode_kernel[(triton.cdiv(n, BLOCK_R),)](rows, codes, scale, n, **meta)
+        _encode_kernel[(triton.cdiv(n, BLOCK_R),)](rows, codes, scale, n, **meta, enable_fp_fusion=False)
     return codes, scale
 
 
@@ -136,5 +142,6 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(rows)
     if rows.shape[0]:
         _hadamard_kernel[(triton.cdiv(rows.shape[0], BLOCK_R),)](rows, y, rows.shape[0], n ** -0.5, N=n,
-                                                                  LOG_N=n.bit_length() - 1, BLOCK_R=BLOCK_R)
+                                                                  LOG_N=n.bit_length() - 1, BLOCK_R=BLOCK_R,
+                                                                  enable_fp_fusion=False)
     return y.view(x.shape)

@@ -44,7 +44,9 @@ def same(out, ref) -> str:
         bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}.get(r.dtype)
         if bits:
             differ = (o.view(bits) != r.view(bits)) & ~(o.isnan() & r.isnan())
-            assert not differ.any(), f"{int(differ.sum())} of {r.numel()} values differ from the reference in bits"
+            first = [(tuple(i), o[tuple(i)].item(), r[tuple(i)].item()) for i in differ.nonzero()[:3].tolist()]
+            assert not differ.any(), (f"{int(differ.sum())} of {r.numel()} values differ from the reference in bits; "
+                                      f"first (index, got, reference): {first}")
         else:
             assert torch.equal(o, r), "integer outputs differ from the reference"
     return "bit-identical"
