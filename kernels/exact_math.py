@@ -205,7 +205,8 @@ def round_e4m3(v):
     normal = ((bits + 0x7FFFF + lsb) & ~0xFFFFF).to(tl.float32, bitcast=True)
     sub = ((a * 512.0 + 8388608.0) - 8388608.0) * 0.001953125
     r = tl.where(a < 0.015625, sub, normal)
-    return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)
+    sign = v.to(tl.int32, bitcast=True) & -2147483648          # the sign bit, kept on a zero (-x compiles as 0 - x)
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
