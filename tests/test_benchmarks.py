@@ -58,3 +58,21 @@ def test_layer_plot_draws_one_line_per_level_and_the_floor_for_each_layer_kind()
     assert sorted(line.find("{http://www.w3.org/2000/svg}title").text for line in lines) == sorted(
         ["fast", "batch-invariant", "exact", "floor"] * 2)
     assert all(len(line.get("points").split()) == 3 for line in lines)
+
+
+def test_model_benchmark_decodes_a_random_stack_and_counts_the_bytes_a_step_reads():
+    from dsv4.benchmarks import model as bench_model
+    from dsv4.benchmarks.layer import randomise
+    from dsv4.engine import Engine
+    from dsv4.model import Transformer
+
+    config = bench_model.stack_config("tiny", 3, 2, 300)
+    assert config.n_layers == 3 and config.n_mtp_layers == 0 and config.max_seq_len >= 300
+    with torch.device("cpu"):
+        stack = Transformer(config, default_registry().resolve("cpu", "fast"))
+    randomise(stack, config)
+    engine = Engine(stack, torch.device("cpu"), max_batch=2)
+    assert bench_model._decode_seconds(engine, 2, 200) > 0
+    more_context = bench_model.step_bytes(stack, 1, 280) - bench_model.step_bytes(stack, 1, 40)
+    more_batch = bench_model.step_bytes(stack, 2, 40) - bench_model.step_bytes(stack, 1, 40)
+    assert more_context > 0 and more_batch > 0
