@@ -97,6 +97,8 @@ NO_OPERATOR: dict[str, str] = {
     "fake_quant": "torch-npu's quantisation operators (npu_quantize, npu_dynamic_quant) produce int8 with their own "
                   "scales, not e4m3 with power-of-two block scales; A2/A3 have no float8 dtype",
     "hadamard": "torch-npu has no Walsh-Hadamard operator (SGLang's NPU compressor fuses one in a custom op)",
+    "encode_rows": "the paged cache's storage form (e4m3 bytes, packed e2m1, power-of-two block scales) has no "
+                   "torch-npu operator; the canonical composite needs a float8 dtype, which A2/A3 lack (docs/ascend.md)",
     "compress_pool": "V4's compressor is vllm-ascend's custom op _C_ascend.compressor, not in torch-npu",
     "indexer_topk": "npu_lightning_indexer scores in low precision with unspecified tie order; the contract "
                     "requires the exact index set (ties to the lower index, ascending) at every level",
