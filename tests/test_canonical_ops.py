@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import math
 import re
@@ -253,6 +254,21 @@ def test_quant_linear_row_does_not_depend_on_the_other_rows_or_on_memory_slicing
     assert all(same_bits(y[i:i + 1], ops.quant_linear(x[i:i + 1], weight, scale)) for i in range(9))
     monkeypatch.setattr(ops, "BUDGET", 40)
     assert same_bits(y, ops.quant_linear(x, weight, scale))
+
+
+def test_decoded_weights_live_as_long_as_the_weight_and_follow_in_place_changes():
+    x = randn(3, 256, seed=12, dtype=BF16)
+    weight, scale = fp4_weight(64, 256, seed=11)
+    other, _ = fp4_weight(64, 256, seed=14)
+    expected = ops.quant_linear(x, other.clone(), scale)
+    before = len(ops._decoded)
+    ops.quant_linear(x, weight, scale)
+    assert len(ops._decoded) == before + 1
+    weight.copy_(other)                                          # changed in place: decoded again
+    assert same_bits(ops.quant_linear(x, weight, scale), expected)
+    del weight
+    gc.collect()
+    assert len(ops._decoded) == before
 
 
 def test_grouped_quant_linear_is_quant_linear_of_each_row_with_its_expert():
