@@ -215,6 +215,14 @@ def test_other_weight_formats_round_trip(tmp_path, change):
     assert {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()} == runtime
 
 
+def test_a_config_whose_activation_scales_are_not_ue8m0_is_refused():
+    """scale_fmt (a config.json field of the release) says how activation scales are rounded; dsv4 implements only
+    ue8m0 (powers of two), so a checkpoint asking for another format is refused rather than run with wrong scales."""
+    assert preset("v4-flash").scale_fmt == "ue8m0"
+    with pytest.raises(DSV4Error, match="scale_fmt None: only ue8m0"):
+        dataclasses.replace(preset("tiny"), scale_fmt=None)
+
+
 def _hf_name(name: str) -> str:
     """The inverse of convert.py's renames, as HF-style checkpoints spell tensors."""
     name = name.replace(".attn.", ".self_attn.").replace(".ffn.", ".mlp.").replace("gate.bias",
