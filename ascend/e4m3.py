@@ -4,7 +4,7 @@ Atlas A2/A3 NPUs have no FP8 arithmetic, and torch-npu refuses float8 tensors in
 not been supported", ConvertToAclDataType; xLLM-AI/xllm#1427). Every e4m3 value times 2^9 is an integer of at most
 18 bits (the smallest subnormal is 2^-9, the largest value 448 = 14 * 2^5), so the codes can be handled as int32:
 decoding reads the bits of a uint8 view, and rounding an fp32 value to the e4m3 grid is done on its IEEE bits. Both
-give exactly what torch's float8_e4m3fn casts give on CPU; `tests/test_ascend_e4m3.py` checks that bit for bit.
+give exactly what torch's float8_e4m3fn casts give on CPU; `tests/test_ascend_exact.py` checks that bit for bit.
 """
 from __future__ import annotations
 

@@ -129,12 +129,14 @@ def entries_for(chip: str | None, triton: bool) -> list[Entry]:
 
 def capability(chip: str, triton: bool) -> dict[str, dict[Level, str]]:
     """op -> level -> the kernel the registry picks for the npu backend on `chip`, by the registry's own resolution.
-    The kernels are registered by name and level only (their modules are not imported: Triton need not be here)."""
+    The kernels are registered by name and level only (their modules are not imported: Triton need not be here);
+    each stands in as the canonical function, which has the contract's parameters that resolution checks."""
+    from dsv4.backends.canonical import ops as canonical
     from dsv4.backends.registry import Backend, Registry, add_canonical_kernels
 
     backend = Backend(name="npu", device_types=("npu",))
     for entry in entries_for(chip, triton):
-        backend.add(entry.op, entry.load, entry.level, entry.kernel)
+        backend.add(entry.op, getattr(canonical, entry.op), entry.level, entry.kernel)
     add_canonical_kernels(backend)
     registry = Registry()
     registry.add_backend(backend)

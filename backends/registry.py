@@ -8,7 +8,8 @@ strongest determinism level it meets.
 Selection: a device type picks its backend; each op then takes the backend's first kernel (in the backend's
 preference order, fastest first) that declares at least the requested level. Per-op overrides may name another
 backend's kernel for the same device. If no kernel qualifies, resolution fails with an error naming op, backend and
-level: there is no silent fallback.
+level: there is no silent fallback. A chosen kernel whose parameters are not its contract's (`contracts.Ops`) is
+refused the same way, so a stale kernel fails at load with its name rather than mid-forward with a TypeError.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dsv4.backends.contracts import CONTRACTS
+from dsv4.backends.contracts import CONTRACTS, Ops, signature_mismatch
 from dsv4.backends.levels import Level
 from dsv4.errors import DSV4Error
 
@@ -56,10 +57,16 @@ class Backend:
             return f"probe failed: {type(e).__name__}: {e}"
 
 
-class OpTable:
-    """The resolved kernels for one (backend, level): `table.rms_norm(...)` calls the chosen kernel."""
+class OpTable(Ops):
+    """The resolved kernels for one (backend, level): `table.rms_norm(...)` calls the chosen kernel.
+
+    Its methods are typed by `dsv4.backends.contracts.Ops` (one per contract); each is replaced here by the kernel
+    the registry chose, whose parameters `Registry.resolve` has checked against the contract."""
 
     def __init__(self, backend: str, level: Level, kernels: dict[str, Kernel]):
+        missing = [op for op in CONTRACTS if op not in kernels]
+        if missing:
+            raise DSV4Error(f"an op table for {backend!r} needs a kernel for every op; missing: {', '.join(missing)}")
         self.backend, self.level, self.kernels = backend, level, kernels
         for op, kernel in kernels.items():
             setattr(self, op, kernel.fn)
@@ -127,7 +134,9 @@ class Registry:
                 if not shared:
                     raise DSV4Error(f"override {op}={overrides[op]}: backend {source.name!r} does not run on "
                                     f"{'/'.join(b.device_types)}")
-            chosen[op] = _pick(source, op, level, kernel_name or None)
+            kernel = chosen[op] = _pick(source, op, level, kernel_name or None)
+            if reason := signature_mismatch(op, kernel.fn):
+                raise DSV4Error(f"op {op}: kernel {kernel.backend}:{kernel.name} {reason}")
         return OpTable(b.name, level, chosen)
 
 

@@ -22,10 +22,15 @@ from dsv4.backends.levels import Level
 from dsv4.backends.registry import OpTable, default_registry
 from dsv4.benchmarks.timing import limits, median_us
 from dsv4.cache import KVCache
-from dsv4.config import ModelConfig, preset
+from dsv4.config import CSA_RATIO, ModelConfig, preset
 from dsv4.model import Block, rope_table
 
-LAYER_KINDS = {"csa": 4, "hca": 128, "window": 0}
+LAYER_KINDS = ("csa", "hca", "window")
+
+
+def kind_ratio(config: ModelConfig, kind: str) -> int:
+    """The compress ratio of a `kind` layer of `config`: CSA's, the preset's HCA ratio (its largest) or none."""
+    return {"csa": CSA_RATIO, "hca": max(config.compress_ratios), "window": 0}[kind]
 
 
 @dataclass
@@ -45,8 +50,9 @@ class Row:
 def layer_config(preset_name: str, kind: str, batch: int, tokens: int) -> ModelConfig:
     """The preset with a single layer of the given kind, a cache for `batch` sequences of `tokens` positions."""
     c = preset(preset_name)
-    return dataclasses.replace(c, n_layers=1, n_mtp_layers=0, n_hash_layers=0, compress_ratios=(LAYER_KINDS[kind],),
-                               max_batch_size=batch, max_seq_len=128 * math.ceil((tokens + 1) / 128))
+    return dataclasses.replace(c, n_layers=1, n_mtp_layers=0, n_hash_layers=0,
+                               compress_ratios=(kind_ratio(c, kind),), max_batch_size=batch,
+                               max_seq_len=128 * math.ceil((tokens + 1) / 128))
 
 
 def random_block(config: ModelConfig, ops: OpTable, device: torch.device) -> Block:

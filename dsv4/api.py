@@ -19,6 +19,7 @@ from dsv4.checkpoint import RANDOM_WEIGHTS_VERSION, load_checkpoint, write_check
 from dsv4.config import ModelConfig, preset as preset_config
 from dsv4.engine import Engine, Request
 from dsv4.errors import DSV4Error
+from dsv4.hub import resolve_model
 from dsv4.model import Transformer
 from dsv4.parallel import ExpertGroup
 from dsv4.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ def checkpoint_config(model: str | Path | None = None, preset: str | None = None
     """The config `load` would use, without reading or writing any weights."""
     if model is None and preset is not None:
         return preset_config(preset)
-    return ModelConfig.from_file(Path(model if model is not None else DEFAULT_MODEL) / "config.json")
+    return ModelConfig.from_file((resolve_model(model) if model is not None else DEFAULT_MODEL) / "config.json")
 
 
 def resolve_ops(device: str, determinism: Level | str = Level.FAST, overrides: dict[str, str] | None = None,
@@ -88,12 +89,14 @@ def load(model: str | Path | None = None, preset: str | None = None, device: str
          determinism: Level | str = Level.FAST, overrides: dict[str, str] | None = None,
          backend: str | None = None, registry: Registry | None = None, progress=None,
          group: ExpertGroup | None = None) -> Pipeline:
-    """Open a checkpoint directory (`model`) or a preset's random checkpoint; default: the embedded trained model.
+    """Open a checkpoint directory or a Hugging Face repo id in the local cache (`model`, see dsv4.hub) or a preset's
+    random checkpoint; default: the embedded trained model.
     With an expert-parallel `group`, this process loads and runs only its share of the routed experts."""
     if model is not None and preset is not None:
         raise DSV4Error("give either a model directory or a preset, not both")
     ops = resolve_ops(device, determinism, overrides, registry, backend)
-    path = Path(model) if model is not None else preset_checkpoint(preset) if preset is not None else DEFAULT_MODEL
+    path = (resolve_model(model) if model is not None else preset_checkpoint(preset) if preset is not None
+            else DEFAULT_MODEL)
     torch_device = torch.device(device)
     shard = None if group is None else (group.rank, group.size)
     config, tensors, tokenizer = load_checkpoint(path, device=torch_device, progress=progress, expert_shard=shard)

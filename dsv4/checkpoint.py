@@ -1,7 +1,7 @@
 """Checkpoints in DeepSeek's official safetensors layout: what the layout is, seeded random ones, and loading.
 
 Two tables, name -> (shape, dtype), describe everything:
-- `official_layout`: the tensors DeepSeek ships (architecture.md §8). FP8 linears carry an e8m0 scale per 128x128
+- `official_layout`: the tensors DeepSeek ships (tests/test_checkpoint.py pins V4-Flash's published counts). FP8 linears carry an e8m0 scale per 128x128
   block; routed experts are FP4 packed two per int8 with an e8m0 scale per 1x32 block, one tensor per expert.
 - `runtime_layout`: the model's state_dict. Scales are fp32; norms, gate, head and compressor projections are upcast
   to fp32; `wo_a` is dequantised to bf16 (as the reference convert.py does); routed experts are stacked per layer.
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from dsv4.backends.canonical.primitives import counter_uniform
 from dsv4.backends.contracts import FP4_BLOCK, FP8_BLOCK
-from dsv4.config import ModelConfig
+from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.errors import DSV4Error
 from dsv4.formats import (dequantize_fp8_weight, e8m0_to_float, float_to_e8m0, quantize_weight_fp4,
                           quantize_weight_fp8)
@@ -55,7 +55,7 @@ class TensorSpec:
 
 # -- layouts ------------------------------------------------------------------------------------------------------
 def official_layout(config: ModelConfig) -> dict[str, TensorSpec]:
-    """Every tensor of the official checkpoint of `config`, in a fixed order (architecture.md §8)."""
+    """Every tensor of the official checkpoint of `config`, in a fixed order (as DeepSeek's release names them)."""
     specs: dict[str, TensorSpec] = {}
     d, hc, heads, head_dim = config.dim, config.hc_mult, config.n_heads, config.head_dim
 
@@ -77,7 +77,7 @@ def official_layout(config: ModelConfig) -> dict[str, TensorSpec]:
         add(f"{name}.weight", (n,), BF16)
 
     def compressor(prefix: str, ratio: int, width: int) -> None:
-        series = 2 if ratio == 4 else 1  # ratio-4 compressors overlap blocks: two channel series
+        series = 2 if ratio == CSA_RATIO else 1  # CSA compressors overlap blocks: two channel series
         add(f"{prefix}.ape", (ratio, series * width), F32)
         add(f"{prefix}.wkv.weight", (series * width, d), BF16)
         add(f"{prefix}.wgate.weight", (series * width, d), BF16)
@@ -106,7 +106,7 @@ def official_layout(config: ModelConfig) -> dict[str, TensorSpec]:
         linear(f"{p}attn.wo_b", d, config.o_groups * config.o_lora_rank)
         if ratio > 0:
             compressor(f"{p}attn.compressor", ratio, head_dim)
-        if ratio == 4:
+        if ratio == CSA_RATIO:
             compressor(f"{p}attn.indexer.compressor", ratio, config.index_head_dim)
             linear(f"{p}attn.indexer.wq_b", config.index_n_heads * config.index_head_dim, config.q_lora_rank)
             add(f"{p}attn.indexer.weights_proj.weight", (config.index_n_heads, d), BF16)

@@ -5,15 +5,16 @@ import contextlib
 import functools
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import click
 
 from dsv4.backends.contracts import CONTRACTS
-from dsv4.backends.levels import LEVEL_NAMES, Level
+from dsv4.backends.levels import LEVEL_NAMES
+from dsv4.benchmarks import options as bench
 from dsv4.errors import DSV4Error
+from dsv4.progress import Progress
 
 if TYPE_CHECKING:
     from dsv4.parallel import ExpertGroup
@@ -21,30 +22,6 @@ if TYPE_CHECKING:
 # The start of a Python function, for the embedded default model (docs/model-card.md): with the docstring, greedy
 # decoding writes the body; after a bare `def ...:` line this small model greedily repeats indentation.
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
-
-
-class Progress:
-    """Progress on stderr: rewrites one line on a terminal, prints a line per phase change otherwise."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.tty, self.phase, self.last = enabled, sys.stderr.isatty(), None, 0.0
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if phase == self.phase and done < total and now - self.last < 0.2:
-            return
-        self.last = now
-        line = f"{phase}: {done}/{total}"
-        if self.tty:
-            click.echo(f"\r\033[K{line}", err=True, nl=done >= total)
-        elif phase != self.phase or done >= total:
-            click.echo(line, err=True)
-        self.phase = phase
-
-    def loading(self, done: int, total: int) -> None:
-        self("load", done, total)
 
 
 def friendly_errors(fn):
@@ -76,25 +53,37 @@ def main() -> None:
     """DeepSeek-V4 inference on any accelerator, with determinism you can prove."""
 
 
-def backend_options(fn):
-    fn = click.option("--ops", "op_overrides", default=None,
-                      help="Per-op kernel overrides: op=backend[:kernel],... (also DSV4_OP_OVERRIDES).")(fn)
-    fn = click.option("--ops-config", type=click.Path(dir_okay=False), default=None,
-                      help="TOML file with an [ops] table of per-op overrides.")(fn)
-    fn = click.option("--determinism", type=click.Choice(LEVEL_NAMES), default="fast", show_default=True,
-                      help="Determinism level every kernel must declare.")(fn)
-    fn = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu (optionally :index).")(fn)
-    return fn
+def options(*decorators: Callable) -> Callable:
+    """One decorator for a group of click options shared by several commands, listed in --help in the order given."""
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
 
 
-def parallel_options(fn):
-    fn = click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
-                      show_default=True, help="Seconds a process waits for the others (rendezvous and every "
-                      "collective) before it gives up with an error.")(fn)
-    fn = click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-                      help="Run as this many local processes, the routed experts split among them (expert "
-                      "parallelism). Launching under torchrun works too.")(fn)
-    return fn
+backend_options = options(
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu (optionally :index)."),
+    click.option("--determinism", type=click.Choice(LEVEL_NAMES), default="fast", show_default=True,
+                 help="Determinism level every kernel must declare."),
+    click.option("--ops-config", type=click.Path(dir_okay=False), default=None,
+                 help="TOML file with an [ops] table of per-op overrides."),
+    click.option("--ops", "op_overrides", default=None,
+                 help="Per-op kernel overrides: op=backend[:kernel],... (also DSV4_OP_OVERRIDES)."),
+)
+parallel_options = options(
+    click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Run as this many local processes, the routed experts split among them (expert "
+                 "parallelism). Launching under torchrun works too."),
+    click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                 show_default=True, help="Seconds a process waits for the others (rendezvous and every "
+                 "collective) before it gives up with an error."),
+)
+quiet_option = click.option("--quiet", is_flag=True, help="No progress on stderr.")
+model_option = click.option(
+    "--model", type=click.Path(), default=None,
+    help="Checkpoint directory (official safetensors layout), or a Hugging Face repo id (org/name[@revision]) "
+         "already in the local Hugging Face cache; nothing is downloaded.")
 
 
 def ranks_launched(nproc: int, n_experts: Callable[[], int]) -> bool:
@@ -126,7 +115,7 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
 
 
 @main.command()
-@click.option("--model", type=click.Path(), default=None, help="Checkpoint directory (official safetensors layout).")
+@model_option
 @click.option("--preset", default=None, help="Run a preset's randomly initialised checkpoint (tiny, small, ...).")
 @backend_options
 @click.option("--prompt", "prompts", multiple=True, help=f"Prompt text; repeat to decode a batch. [default: {DEFAULT_PROMPT!r}]")
@@ -139,7 +128,7 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
               "(same bits).")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@quiet_option
 @parallel_options
 @friendly_errors
 def run(model, preset, device, determinism, ops_config, op_overrides, prompts, max_new_tokens, temperature, top_p,
@@ -160,8 +149,8 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
     settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
                 "prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk}
-    with join(device.split(":")[0], settings, dist_timeout) as group, rank_zero_speaks(group):
-        progress = Progress(enabled=not quiet)
+    with join(device.split(":")[0], settings, dist_timeout) as group, rank_zero_speaks(group), \
+            Progress(enabled=not quiet) as progress:
         device = group.place(device) if group else device
         pipe = load(model, preset, device, determinism, overrides, progress=progress.loading, group=group)
         config = pipe.config
@@ -171,14 +160,20 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
         engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk, graphs=not eager)
         decoder = IncrementalDecoder(pipe.tokenizer)
         streaming = len(prompts) == 1
+        if streaming:
+            progress.hidden.add("decode")     # the streamed text is the progress; a bar or lines would break it up
+        started = []
 
         def stream(_: int, token: int) -> None:
+            if not started:                   # the prompt, once the prefill (and its bar) is done
+                started.append(True)
+                click.echo(prompts[0], nl=False)
             if token != config.eos_token_id:
                 click.echo(decoder.push(token), nl=False)
 
-        if streaming:
-            click.echo(prompts[0], nl=False)
-        results = engine.generate(requests, on_token=stream if streaming else None, record_logits=bool(logits_out))
+        results = engine.generate(requests, on_token=stream if streaming else None, record_logits=bool(logits_out),
+                                  progress=progress)
+        progress.close()
         if streaming:
             click.echo(decoder.finish())
         else:
@@ -203,7 +198,6 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
 @friendly_errors
 def backends(level):
     """List backends, their devices and availability, and a per-op table of kernels and levels."""
-    from dsv4.backends.contracts import CONTRACTS
     from dsv4.backends.registry import default_registry
 
     registry = default_registry()
@@ -213,6 +207,8 @@ def backends(level):
         reason = b.unavailable_reason()
         status = "available" if reason is None else f"unavailable: {reason}"
         click.echo(f"{name:8} devices={','.join(b.device_types):10} {status}")
+        if b.description:
+            click.echo(f"{'':8} {b.description}")
     for name, err in registry.load_errors.items():
         click.echo(f"{name:8} {err}")
     click.echo("")
@@ -237,7 +233,7 @@ def backends(level):
 @click.option("--level", type=click.Choice(LEVEL_NAMES), default="exact", show_default=True)
 @click.option("--presets", default="tiny", show_default=True, help="Comma-separated presets for whole-model checks.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@quiet_option
 @friendly_errors
 def verify(backend, device, level, presets, report_path, quiet):
     """Check a backend's kernels against the levels they declare; non-zero exit on any failure."""
@@ -245,8 +241,8 @@ def verify(backend, device, level, presets, report_path, quiet):
 
     from dsv4.backends.conformance import verify as run_verify
 
-    report = run_verify(backend, device, level, tuple(p for p in presets.split(",") if p),
-                        progress=Progress(enabled=not quiet))
+    with Progress(enabled=not quiet) as progress:
+        report = run_verify(backend, device, level, tuple(p for p in presets.split(",") if p), progress=progress)
     if report_path:
         Path(report_path).write_text(report.to_json())
     click.echo(report.table())
@@ -282,10 +278,8 @@ def golden(presets):
     click.echo(f"wrote {len(digests)} digests to {GOLDEN_FILE}")
 
 
-
-# -- benchmarks: `dsv4 bench <what>`; each benchmark is a subcommand of this group ------------------------------------
 @main.command("eval")
-@click.option("--model", type=click.Path(), default=None, help="Checkpoint directory (default: the embedded model).")
+@model_option
 @click.option("--preset", default=None, help="Score a preset's randomly initialised checkpoint instead.")
 @click.option("--backend", default=None, help="Backend by name (e.g. a vendor plugin) instead of the device's own.")
 @backend_options
@@ -294,7 +288,7 @@ def golden(presets):
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Score these text files instead of the held-out standard-library files; repeatable.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Segments per forward step.")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@quiet_option
 @friendly_errors
 def evaluate(model, preset, backend, device, determinism, ops_config, op_overrides, max_segments, files, batch, quiet):
     """Perplexity on the held-out Python standard-library files, which the default model never saw in training.
@@ -308,15 +302,15 @@ def evaluate(model, preset, backend, device, determinism, ops_config, op_overrid
     from dsv4.api import load
     from dsv4.backends.registry import collect_overrides
 
-    progress = Progress(enabled=not quiet)
-    pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config), backend=backend,
-                progress=progress.loading)
-    paths = [Path(f) for f in files] or evaluation.split(evaluation.stdlib_files())[1]
-    segs = evaluation.segments([pipe.tokenizer.encode(evaluation.read_source(p)) for p in paths],
-                               pipe.config.bos_token_id)
-    chosen = evaluation.evenly_spaced(segs, max_segments)
-    result = evaluation.perplexity(pipe.model, chosen, pipe.device, batch,
-                                   progress=lambda done, total: progress("eval", done, total))
+    with Progress(enabled=not quiet) as progress:
+        pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
+                    backend=backend, progress=progress.loading)
+        paths = [Path(f) for f in files] or evaluation.split(evaluation.stdlib_files())[1]
+        segs = evaluation.segments([pipe.tokenizer.encode(evaluation.read_source(p)) for p in paths],
+                                   pipe.config.bos_token_id)
+        chosen = evaluation.evenly_spaced(segs, max_segments)
+        result = evaluation.perplexity(pipe.model, chosen, pipe.device, batch,
+                                       progress=lambda done, total: progress("eval", done, total))
     source = (f"{len(paths)} file(s)" if files else
               f"{len(paths)} held-out standard-library files of Python {platform.python_version()}")
     click.echo(f"perplexity {result.value:.4f} ({result.bits_per_token:.4f} bits/token) over {result.tokens} tokens: "
@@ -325,63 +319,16 @@ def evaluate(model, preset, backend, device, determinism, ops_config, op_overrid
                f"[{pipe.model.ops.backend}/{device}, {determinism}]")
 
 
-@main.group()
-def bench() -> None:
+# -- benchmarks: `dsv4 bench <what>`; each benchmark is a subcommand of this group (the code: dsv4.benchmarks) ------
+@main.group("bench")
+def bench_group() -> None:
     """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""
 
 
-def _sizes(text: str, option: str) -> tuple[int, ...]:
-    """A comma-separated list of positive integers (empty allowed), or a DSV4Error naming the option."""
-    try:
-        sizes = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        sizes = (0,)
-    if any(n < 1 for n in sizes):
-        raise DSV4Error(f"{option} must be comma-separated positive integers, got {text!r}")
-    return sizes
+bench_options = options(*bench.SHARED, quiet_option)
 
 
-def _levels(text: str) -> tuple[Level, ...]:
-    return tuple(Level.parse(t) for t in text.split(",") if t.strip())
-
-
-def _needs_gpu(device: str) -> None:
-    import torch
-
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise DSV4Error(f"dsv4 bench times kernels with CUDA events: it needs --device cuda on a machine with an "
-                        f"NVIDIA GPU (got {device!r}, GPU visible: {torch.cuda.is_available()})")
-
-
-def _write_json(result: dict, path: str | None) -> None:
-    if path:
-        import json
-
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-
-
-bench_common = [
-    click.option("--device", default="cuda", show_default=True),
-    click.option("--preset", "preset_name", default="v4-flash", show_default=True,
-                 help="Take every dimension from this preset (v4-flash, v4-pro, ...)."),
-    click.option("--batches", default="1,16,64,256", show_default=True, help="Decode batch sizes."),
-    click.option("--prefills", default="4096,65536", show_default=True, help="Prefill lengths ('' for none)."),
-    click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True,
-                 help="Tokens each decoding sequence already holds."),
-    click.option("--levels", default="fast,batch-invariant,exact", show_default=True),
-    click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here."),
-    click.option("--quiet", is_flag=True, help="No progress on stderr."),
-]
-
-
-def bench_options(fn):
-    for option in reversed(bench_common):
-        fn = option(fn)
-    return fn
-
-
-@bench.command("ops")
+@bench_group.command("ops")
 @bench_options
 @click.option("--ops", "op_names", default="", help="Only these ops (comma-separated), e.g. quant_linear.")
 @friendly_errors
@@ -391,21 +338,20 @@ def bench_ops(device, preset_name, batches, prefills, context, levels, json_out,
     the same run."""
     from dsv4.benchmarks import ops
 
-    _needs_gpu(device)
+    bench.require_gpu(device)
     names = tuple(o for o in op_names.split(",") if o)
     unknown = set(names) - set(CONTRACTS)
     if unknown:
         raise DSV4Error(f"--ops names unknown op(s): {', '.join(sorted(unknown))}")
-    say = (lambda line: None) if quiet else (lambda line: click.echo(f"bench: {line}", err=True))
-    row_line = (lambda row: None) if quiet else (lambda row: click.echo(
-        f"bench: {row['kernel']} {row['us']:.1f} us ({100 * row['hbm_fraction']:.1f}% HBM)", err=True))
-    result = ops.run(preset_name, _sizes(batches, "--batches"), _sizes(prefills, "--prefills"), context,
-                     _levels(levels), device, names, progress=say, on_row=row_line)
+    say = bench.say(quiet)
+    row_line = lambda row: say(f"{row['kernel']} {row['us']:.1f} us ({100 * row['hbm_fraction']:.1f}% HBM)")
+    result = ops.run(preset_name, bench.parse_sizes(batches, "--batches"), bench.parse_sizes(prefills, "--prefills"),
+                     context, bench.parse_levels(levels), device, names, progress=say, on_row=row_line)
     click.echo(ops.table(result))
-    _write_json(result, json_out)
+    bench.write_json(result, json_out)
 
 
-@bench.command("layer")
+@bench_group.command("layer")
 @bench_options
 @click.option("--kinds", default="csa,hca", show_default=True, help="Layer kinds: csa, hca, window.")
 @click.option("--exact-prefill-max", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -419,16 +365,17 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
     prefills at each level, wall and GPU time, against the weight-read floor."""
     from dsv4.benchmarks import layer
 
-    _needs_gpu(device)
+    bench.require_gpu(device)
     kind_names = tuple(k for k in kinds.split(",") if k)
     bad = set(kind_names) - set(layer.LAYER_KINDS)
     if bad or not kind_names:
         raise DSV4Error(f"--kinds takes {', '.join(layer.LAYER_KINDS)}; got {kinds!r}")
-    say = (lambda line: None) if quiet else (lambda line: click.echo(f"bench: {line}", err=True))
-    result = layer.run(preset_name, kind_names, _sizes(batches, "--batches"), _sizes(prefills, "--prefills"),
-                       context, _levels(levels), device, exact_prefill_max, progress=say)
+    say = bench.say(quiet)
+    result = layer.run(preset_name, kind_names, bench.parse_sizes(batches, "--batches"),
+                       bench.parse_sizes(prefills, "--prefills"), context, bench.parse_levels(levels), device,
+                       exact_prefill_max, progress=say)
     click.echo(layer.table(result))
-    _write_json(result, json_out)
+    bench.write_json(result, json_out)
     if plot_out:
         from dsv4.benchmarks.plot import layer_decode_svg
 
@@ -436,7 +383,7 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
             f.write(layer_decode_svg(result))
 
 
-@bench.command("model")
+@bench_group.command("model")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--preset", "preset_name", default="v4-flash", show_default=True,
               help="Take every dimension and the layer pattern from this preset.")
@@ -452,7 +399,7 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="Also draw time per output token against batch size per level here (SVG).")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@quiet_option
 @friendly_errors
 def bench_model(device, preset_name, layers, batches, contexts, long_contexts, prefill, levels, json_out, plot_out,
                 quiet):
@@ -460,12 +407,12 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
     tokens/s per level and batch, at long contexts too, against the bytes-read floor; prefill tokens/s."""
     from dsv4.benchmarks import model
 
-    _needs_gpu(device)
-    say = (lambda line: None) if quiet else (lambda line: click.echo(f"bench: {line}", err=True))
-    result = model.run(preset_name, layers, _sizes(batches, "--batches"), _sizes(contexts, "--contexts"), prefill,
-                       _levels(levels), device, _sizes(long_contexts, "--long-contexts"), progress=say)
+    bench.require_gpu(device)
+    result = model.run(preset_name, layers, bench.parse_sizes(batches, "--batches"),
+                       bench.parse_sizes(contexts, "--contexts"), prefill, bench.parse_levels(levels), device,
+                       bench.parse_sizes(long_contexts, "--long-contexts"), progress=bench.say(quiet))
     click.echo(model.table(result))
-    _write_json(result, json_out)
+    bench.write_json(result, json_out)
     if plot_out:
         from dsv4.benchmarks.plot import model_decode_svg
 
@@ -473,7 +420,7 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
             f.write(model_decode_svg(result))
 
 
-@bench.command("moe")
+@bench_group.command("moe")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu.")
 @click.option("--preset", "preset_name", default="v4-flash", show_default=True,
               help="Take dim, routed experts and top-k from this preset.")
@@ -490,7 +437,7 @@ def bench_moe(device, preset_name, tokens, iters, json_out, nproc, dist_timeout)
     from dsv4.config import preset
     from dsv4.parallel import join
 
-    counts = _sizes(tokens, "--tokens")
+    counts = bench.parse_sizes(tokens, "--tokens")
     if not counts:
         raise DSV4Error(f"--tokens must be comma-separated positive integers, got {tokens!r}")
     if ranks_launched(nproc, lambda: preset(preset_name).n_routed_experts):
@@ -502,7 +449,7 @@ def bench_moe(device, preset_name, tokens, iters, json_out, nproc, dist_timeout)
         result = moe.run(group, group.place(device), preset_name, counts, iters)
         click.echo(moe.table(result))
         if group.rank == 0:
-            _write_json(result, json_out)
+            bench.write_json(result, json_out)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class ModelConfig:
     hc_eps: float = 1e-6
     norm_eps: float = 1e-6
     dtype: str = "fp8"
-    scale_fmt: str = "ue8m0"
+    scale_fmt: str = "ue8m0"   # activation scales are powers of two (dsv4.formats); the only format implemented
     expert_dtype: str = "fp4"
     # One ratio per layer plus one per MTP layer: 0 = sliding window only, CSA_RATIO = CSA (overlapping + indexer),
     # any other (128 in the releases) = HCA.
@@ -105,6 +105,7 @@ class ModelConfig:
         need(self.n_heads * self.head_dim // self.o_groups % 128 == 0, "per-group output width must be a multiple of 128")
         need(self.max_seq_len % 128 == 0, "max_seq_len must be a multiple of 128")
         need(self.dtype in ("fp8", "bf16"), f"dtype {self.dtype!r}: expected fp8 or bf16")
+        need(self.scale_fmt == "ue8m0", f"scale_fmt {self.scale_fmt!r}: only ue8m0 (power-of-two scales) is supported")
         need(self.expert_dtype in ("fp4", "fp8"), f"expert_dtype {self.expert_dtype!r}: expected fp4 or fp8")
 
     # -- (de)serialisation --------------------------------------------------------------------------------------

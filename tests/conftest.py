@@ -1,14 +1,43 @@
-"""Shared fixtures: small random checkpoints written once per session in the official layout."""
+"""Shared fixtures (small random checkpoints written once per session in the official layout) and the helpers every
+test compares with: `same_bits` for bit-for-bit claims, `assert_within_contract` for tolerances, which come from
+the op contracts and are never re-typed here."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 import dsv4
+from dsv4.backends.contracts import CONTRACTS
 from dsv4.checkpoint import write_checkpoint
-from dsv4.config import preset
+from dsv4.config import CSA_RATIO, preset
+
+_IEEE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor (any dtype, fp8 included), every NaN as one pattern: IEEE fixes that a result is NaN,
+    not which NaN."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype in _IEEE_FLOATS:
+        t = torch.where(torch.isnan(t), torch.full_like(t, math.nan), t)
+    return t.reshape(-1).view(torch.uint8)
+
+
+def same_bits(a, b) -> bool:
+    """Tensors, or (nested) tuples and lists of them, of the same shapes and dtypes and the same bits."""
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b))
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def assert_within_contract(op: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """|out - ref| <= atol + rtol * |ref| everywhere, with the fast-level tolerance that the contract of `op` states
+    (ref is typically an fp64 computation of what the contract says)."""
+    c = CONTRACTS[op]
+    torch.testing.assert_close(out.double(), ref.double(), atol=c.atol, rtol=c.rtol)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,7 +51,7 @@ def isolated_cache(tmp_path_factory):
 
 def short_block_config():
     """The tiny preset with an HCA ratio of 8 instead of 128, so tests cross many compression blocks cheaply."""
-    return dataclasses.replace(preset("tiny"), compress_ratios=(0, 4, 8, 4, 0))
+    return dataclasses.replace(preset("tiny"), compress_ratios=(0, CSA_RATIO, 8, CSA_RATIO, 0))
 
 
 @pytest.fixture(scope="session")

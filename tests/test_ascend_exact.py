@@ -14,9 +14,7 @@ from dsv4.backends.canonical import ops as canonical
 from dsv4.backends.npu import e4m3, exact_gemm
 from dsv4.formats import quantize_weight_fp4, quantize_weight_fp8
 
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+from conftest import same_bits
 
 
 def gen(seed: int) -> torch.Generator:

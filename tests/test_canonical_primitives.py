@@ -11,6 +11,8 @@ from dsv4.backends.canonical import primitives as P
 from dsv4.backends.contracts import REDUCTION_LANES
 from dsv4.formats import fp4_values, to_e4m3
 
+from conftest import bits, same_bits
+
 
 def contract_order_sum(values: list[float], lanes: int = REDUCTION_LANES) -> np.float32:
     """The contract's reduction written as plain scalar fp32 arithmetic: lanes, then the pairwise tree."""
@@ -21,11 +23,6 @@ def contract_order_sum(values: list[float], lanes: int = REDUCTION_LANES) -> np.
         half = len(acc) // 2
         acc = [np.float32(acc[i] + acc[i + half]) for i in range(half)]
     return acc[0]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """fp32 bits, every NaN as one pattern: IEEE fixes that a result is NaN, not which NaN."""
-    return torch.where(torch.isnan(t), 0x7FC00000, t.contiguous().view(torch.int32))
 
 
 def ulp_error(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -43,23 +40,18 @@ def test_lane_sum_equals_scalar_loop_of_contract_order_bit_for_bit(n):
     x = torch.randn(4, n, generator=g) * torch.exp2(torch.randint(-20, 20, (4, n), generator=g).float())
     got = P.lane_sum(x)
     want = torch.tensor([contract_order_sum(row.tolist()) for row in x], dtype=torch.float32)
-    assert torch.equal(bits(got), bits(want))
+    assert same_bits(got, want)
 
 
 def test_lane_sum_over_any_dim_equals_lane_sum_over_last_dim():
     x = torch.randn(37, 3, 5)
-    assert torch.equal(bits(P.lane_sum(x, dim=0)), bits(P.lane_sum(x.permute(1, 2, 0))))
+    assert same_bits(P.lane_sum(x, dim=0), P.lane_sum(x.permute(1, 2, 0)))
 
 
 def test_lane_sum_order_matters_it_differs_from_torch_sum_on_some_rows():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1000, generator=g) * torch.exp2(torch.randint(-12, 12, (64, 1000), generator=g).float())
     assert (bits(P.lane_sum(x)) != bits(x.sum(-1))).any()
-
-
-def test_dot_is_lane_sum_of_fp32_products():
-    a, b = torch.randn(3, 50), torch.randn(3, 50)
-    assert torch.equal(bits(P.dot(a, b)), bits(P.lane_sum(a * b)))
 
 
 @pytest.mark.parametrize("budget", [P.BUDGET, 16 * 3])
@@ -69,14 +61,14 @@ def test_float_matmul_is_lane_sum_per_output_whatever_the_slicing(monkeypatch, b
     got = P.float_matmul(x, w)
     want = P.lane_sum(x[..., None, :] * w, dim=-1)
     assert got.shape == (2, 3, 9)
-    assert torch.equal(bits(got), bits(want))
+    assert same_bits(got, want)
 
 
-def test_block_exact_matmul_gives_exact_block_sums_rounded_once():
+def test_block_sums_are_the_exact_block_dot_products_rounded_once():
     g = torch.Generator().manual_seed(1)
     xq = to_e4m3(torch.randn(3, 256, generator=g) * 100).float()
     wq = fp4_values(torch.randint(0, 16, (5, 256), generator=g))
-    got = P.block_exact_matmul(xq, wq, 32)
+    got = P.block_sums(xq, P.block_major(wq, 32))
     assert got.shape == (3, 8, 5)
     xb, wb = xq.numpy().astype(np.float64), wq.numpy().astype(np.float64)
     for m in range(3):
@@ -146,7 +138,7 @@ def test_sqrt_is_correctly_rounded_bit_for_bit_including_subnormals_and_edge_cas
                    torch.tensor([0.0, -0.0, math.inf, -1.0, -math.inf, math.nan, 1e-45, 3.4028235e38, 4.0, 2.0])])
     with np.errstate(invalid="ignore"):
         want = torch.from_numpy(np.sqrt(x.numpy()))                  # numpy's fp32 sqrt is the IEEE one
-    assert torch.equal(bits(P.sqrt(x)), bits(want))
+    assert same_bits(P.sqrt(x), want)
     assert torch.signbit(P.sqrt(torch.tensor([-0.0]))).item()
 
 
@@ -190,13 +182,14 @@ def test_every_primitive_gives_the_same_bits_on_cpu_and_cuda():
     positive = torch.exp2(_sweep(-149.0, 128.0)).float()
     for f, arg in [(P.exp, x), (P.sigmoid, x), (P.softplus, x), (P.silu, x), (P.log, positive), (P.log, x),
                    (P.log1p, positive), (P.sqrt, positive), (P.sqrt, x), (P.rsqrt, positive)]:
-        assert torch.equal(bits(f(arg)), bits(f(arg.cuda()).cpu())), f.__name__
+        assert same_bits(f(arg), f(arg.cuda())), f.__name__
     m = torch.randn(33, 1000) * torch.exp2(torch.randint(-12, 12, (33, 1000)).float())
-    assert torch.equal(bits(P.lane_sum(m)), bits(P.lane_sum(m.cuda()).cpu()))
+    assert same_bits(P.lane_sum(m), P.lane_sum(m.cuda()))
     w = torch.randn(50, 1000)
-    assert torch.equal(bits(P.float_matmul(m, w)), bits(P.float_matmul(m.cuda(), w.cuda()).cpu()))
+    assert same_bits(P.float_matmul(m, w), P.float_matmul(m.cuda(), w.cuda()))
     xq, wq = to_e4m3(m[:, :768] * 50).float(), to_e4m3(w[:, :768] * 50).float()
-    assert torch.equal(P.block_exact_matmul(xq, wq, 128), P.block_exact_matmul(xq.cuda(), wq.cuda(), 128).cpu())
+    assert same_bits(P.block_sums(xq, P.block_major(wq, 128)),
+                     P.block_sums(xq.cuda(), P.block_major(wq.cuda(), 128)))
     req, pos = torch.arange(-3, 5), torch.arange(8) * 1000
     assert torch.equal(P.counter_uniform(9, req, pos, 5000, "cpu"), P.counter_uniform(9, req, pos, 5000, "cuda").cpu())
     scores = torch.randint(0, 5, (7, 300)).float()

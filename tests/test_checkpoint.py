@@ -19,6 +19,8 @@ from dsv4.errors import DSV4Error
 from dsv4.formats import (dequantize_fp8_weight, e8m0_to_float, float_to_e8m0, quantize_weight_fp8, to_e4m3,
                           unpack_fp4)
 
+from conftest import same_bits
+
 BF16, F32, E4M3, E8M0, I8, I64 = (torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e8m0fnu,
                                   torch.int8, torch.int64)
 
@@ -106,11 +108,6 @@ def tiny_loaded(tiny_dir):
     return load_checkpoint(tiny_dir)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality for any dtype (fp8 included)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
 def test_written_checkpoint_has_the_official_files_and_index(tiny_dir):
     shards = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
     index = json.loads((tiny_dir / INDEX_FILE).read_text())
@@ -138,7 +135,7 @@ def test_two_loads_are_bitwise_identical_and_progress_counts_every_tensor(tiny_d
     calls = []
     _, again, _ = load_checkpoint(tiny_dir, progress=lambda done, total: calls.append((done, total)))
     first = tiny_loaded[1]
-    assert all(_same(first[name], again[name]) for name in first)
+    assert all(same_bits(first[name], again[name]) for name in first)
     total = len(official_layout(preset("tiny")))
     assert calls == [(i, total) for i in range(1, total + 1)]
 
@@ -160,7 +157,7 @@ def test_reload_matches_the_generated_weights_within_quantisation_error(tiny_loa
             assert ((value - intent).abs() <= (intent.abs() + scale) / 4).all(), name
         elif layout[name].dtype == E4M3:  # FP8 e4m3: 2^-4 relative, or half the subnormal step 2^-9 of the scale
             if scale is None:  # wo_a, which the loader dequantises to bf16
-                assert _same(weight, dequantize_fp8_weight(*quantize_weight_fp8(intent)).to(BF16)), name
+                assert same_bits(weight, dequantize_fp8_weight(*quantize_weight_fp8(intent)).to(BF16)), name
                 continue
             scale = scale.repeat_interleave(128, 0)[:intent.shape[0]].repeat_interleave(128, 1)[:, :intent.shape[1]]
             value = weight.float() * scale
@@ -220,6 +217,14 @@ def test_other_weight_formats_round_trip(tmp_path, change):
     assert {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()} == runtime
 
 
+def test_a_config_whose_activation_scales_are_not_ue8m0_is_refused():
+    """scale_fmt (a config.json field of the release) says how activation scales are rounded; dsv4 implements only
+    ue8m0 (powers of two), so a checkpoint asking for another format is refused rather than run with wrong scales."""
+    assert preset("v4-flash").scale_fmt == "ue8m0"
+    with pytest.raises(DSV4Error, match="scale_fmt None: only ue8m0"):
+        dataclasses.replace(preset("tiny"), scale_fmt=None)
+
+
 def _hf_name(name: str) -> str:
     """The inverse of convert.py's renames, as HF-style checkpoints spell tensors."""
     name = name.replace(".attn.", ".self_attn.").replace(".ffn.", ".mlp.").replace("gate.bias",
@@ -245,7 +250,7 @@ def test_hf_named_checkpoint_loads_to_the_same_tensors(tmp_path, tiny_dir, tiny_
     assert "model.layers.0.self_attn.wq_a.weight_scale_inv" in index["weight_map"]
 
     _, tensors, _ = load_checkpoint(hf)
-    assert all(_same(tensors[name], t) for name, t in tiny_loaded[1].items())
+    assert all(same_bits(tensors[name], t) for name, t in tiny_loaded[1].items())
 
 
 def test_single_file_without_index_loads(tmp_path, tiny_loaded):
@@ -253,7 +258,7 @@ def test_single_file_without_index_loads(tmp_path, tiny_loaded):
     write_checkpoint(config, tmp_path, seed=1, shards=1)
     (tmp_path / INDEX_FILE).unlink()
     _, tensors, _ = load_checkpoint(tmp_path)
-    assert all(_same(tensors[name], t) for name, t in tiny_loaded[1].items())
+    assert all(same_bits(tensors[name], t) for name, t in tiny_loaded[1].items())
 
 
 # -- bad checkpoints --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`dsv4 run` and `dsv4 backends` as a user meets them: output, progress, and one-line errors for bad input."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from dsv4.progress import Progress
 
 
 def dsv4(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -48,6 +50,34 @@ def test_backends_lists_every_backend_with_availability_and_ops():
         assert "cuda" in out and "unavailable: " in out
     assert "npu" in out and "torch-npu is not installed" in out
     assert "sparse_attention" in out and "canonical(exact)" in out
+    assert "reference: canonical composites in plain torch" in out            # each backend's description
+
+
+def _phases(progress: Progress) -> None:
+    for done in range(1, 4):
+        progress("load", done, 3)
+    for total in (5, 2):                        # two prompts: the prefill phase starts again
+        for done in range(1, total + 1):
+            progress("prefill", done, total)
+    progress("decode", 4, 12)                   # ends early (end of sequence)
+    progress.close()
+
+
+def test_progress_off_a_terminal_is_a_line_when_a_phase_starts_and_one_when_it_ends():
+    out = io.StringIO()
+    _phases(Progress(stream=out, tty=False))
+    assert out.getvalue().splitlines() == ["load: 1/3", "load: 3/3", "prefill: 1/5", "prefill: 5/5", "prefill: 1/2",
+                                           "prefill: 2/2", "decode: 4/12"]
+
+
+def test_progress_on_a_terminal_draws_a_bar_per_phase_and_clears_it_and_quiet_prints_nothing():
+    out = io.StringIO()
+    _phases(Progress(stream=out, tty=True))
+    text = out.getvalue()
+    assert all(f"{phase}:" in text for phase in ("load", "prefill", "decode")) and "|" in text and "\n" not in text
+    quiet = io.StringIO()
+    _phases(Progress(enabled=False, stream=quiet, tty=True))
+    assert quiet.getvalue() == ""
 
 
 def test_unknown_preset_names_the_choices():

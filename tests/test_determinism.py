@@ -1,6 +1,7 @@
 """Determinism levels are enforced by the registry and checked by the conformance suite, which can fail."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -49,6 +50,19 @@ def test_a_backend_missing_an_op_is_refused_rather_than_filled_from_another_back
     partial.add("rms_norm", canonical.rms_norm, Level.EXACT, "own")
     with pytest.raises(DSV4Error, match="backend 'partial' implements no kernel for it"):
         registry.resolve("partial", "fast")
+
+
+def test_a_kernel_whose_parameters_are_not_its_contracts_is_refused_at_resolve():
+    def stale_attention(q, kv, idx, sink, scale):                 # the contract has `fresh` after kv
+        raise AssertionError("never called")
+
+    registry = _registry_with("stale", Level.EXACT, {"sparse_attention": (stale_attention, Level.EXACT)})
+    with pytest.raises(DSV4Error, match=r"op sparse_attention: kernel stale:test takes \(q, kv, idx, sink, scale\) "
+                                        r"but the contract is sparse_attention\(q, kv, fresh, idx, sink, scale\)"):
+        registry.resolve("stale", "fast")
+    registry.backends["stale"].kernels["sparse_attention"][0] = dataclasses.replace(
+        registry.backends["stale"].kernels["sparse_attention"][0], fn=lambda q, kv, fresh, idx, sink, scale, *rest: 0)
+    assert registry.resolve("stale", "exact").backend == "stale"  # extra trailing parameters are fine
 
 
 def _batch_variant_linear(x, weight):

@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dsv4.engine import Request
 from dsv4.errors import DSV4Error
 
-from conftest import random_prompt
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
+from conftest import random_prompt, same_bits
 
 
 def test_a_batch_of_different_lengths_decodes_each_request_as_if_alone(short_block):
@@ -20,7 +15,7 @@ def test_a_batch_of_different_lengths_decodes_each_request_as_if_alone(short_blo
     for req, res in zip(requests, together):
         alone = short_block.engine(max_batch=1).generate([req], record_logits=True)[0]
         assert res.tokens == alone.tokens
-        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(res.logits, alone.logits))
+        assert same_bits(res.logits, alone.logits)
 
 
 def test_greedy_generation_takes_the_argmax(tiny):

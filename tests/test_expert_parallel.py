@@ -23,14 +23,12 @@ import dsv4.checkpoint as checkpoint
 from dsv4.checkpoint import load_checkpoint
 from dsv4.errors import DSV4Error
 
+from conftest import same_bits
+
 DSV4 = shutil.which("dsv4") or os.path.join(os.path.dirname(sys.executable), "dsv4")
 PROMPTS = ("--prompt", "def add(a, b):", "--prompt", "x")
 TIMEOUT = 120
 FAST_TOLERANCE = 0.05     # fast level: max |logit - reference| <= this * max |reference|
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32)
 
 
 def dsv4(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -153,7 +151,7 @@ def test_exact_generation_has_the_single_process_bits_at_every_degree(tiny_dir, 
     got = load_file(out)
     assert got.keys() == logits.keys()
     for name in logits:
-        assert torch.equal(bits(got[name]), bits(logits[name])), name
+        assert same_bits(got[name], logits[name]), name
 
 
 
@@ -166,7 +164,7 @@ def test_exact_generation_of_the_small_preset_has_the_single_process_bits_with_4
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
     assert one.stdout == four.stdout
     a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "four.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
 
 def test_fast_generation_agrees_with_the_single_process_reference_within_tolerance(tiny_dir, single_process,
                                                                                     tmp_path):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK
 from dsv4.checkpoint import E4M3, official_layout, random_weights, write_checkpoint
-from dsv4.config import ModelConfig, preset
+from dsv4.config import CSA_RATIO, ModelConfig, preset
 from dsv4.evaluation import SEGMENT_TOKENS, evenly_spaced, read_source, segments, split, stdlib_files
 from dsv4.formats import fake_quant
 from dsv4.model import rope_table
@@ -171,7 +171,7 @@ class Mirror:
     # attention -------------------------------------------------------------------------------------------------
     def compress(self, x: torch.Tensor, p: str, ratio: int, width: int, rotate: bool,
                  rope_t: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Entries of every complete block [B, T // ratio, width]: per-channel softmax pooling (ratio 4: the previous
+        """Entries of every complete block [B, T // ratio, width]: per-channel softmax pooling (CSA: the previous
         block on the first `width` channels, its own on the last), norm, RoPE at the block start, fake quant."""
         B, T, _ = x.shape
         n = T // ratio
@@ -180,7 +180,7 @@ class Mirror:
         kv = F.linear(x.float(), self.P[f"{p}wkv.weight"])[:, :n * ratio].unflatten(1, (n, ratio))
         score = F.linear(x.float(), self.P[f"{p}wgate.weight"])[:, :n * ratio].unflatten(1, (n, ratio))
         score = score + self.P[f"{p}ape"]
-        if ratio == 4:
+        if ratio == CSA_RATIO:
             prev_kv = F.pad(kv[:, :-1, :, :width], (0, 0, 0, 0, 1, 0))
             prev_score = F.pad(score[:, :-1, :, :width], (0, 0, 0, 0, 1, 0), value=float("-inf"))
             kv = torch.cat((prev_kv, kv[..., width:]), dim=2)
@@ -195,13 +195,13 @@ class Mirror:
 
     def indexer_scores(self, x: torch.Tensor, qr: torch.Tensor, p: str,
                        rope_t: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """S[b, t, j] = sum_h relu(<q_h, key_j>) * w_h over the indexer's compressed keys, [B, T, T // 4] fp32."""
+        """S[b, t, j] = sum_h relu(<q_h, key_j>) * w_h over the indexer's keys, [B, T, T // CSA_RATIO] fp32."""
         c = self.c
         B, T, _ = x.shape
         cos, sin = rope_t[0][:T, None], rope_t[1][:T, None]
         q = rope(lin(qr, self.P[f"{p}wq_b.weight"]).unflatten(-1, (c.index_n_heads, c.index_head_dim)), cos, sin)
         q = straight_through((q.float() @ self.hadamard).to(BF16), "fp4", FP4_BLOCK)
-        keys = self.compress(x, f"{p}compressor.", 4, c.index_head_dim, True, rope_t)
+        keys = self.compress(x, f"{p}compressor.", CSA_RATIO, c.index_head_dim, True, rope_t)
         w = lin(x, self.P[f"{p}weights_proj.weight"]).float() * (c.index_head_dim ** -0.5 * c.index_n_heads ** -0.5)
         dots = torch.einsum("bthd,bjd->bthj", q.float(), keys.float()).relu()    # fp32, as dsv4 selects
         return (dots * w.unsqueeze(-1)).sum(2)
@@ -230,7 +230,7 @@ class Mirror:
             visible = torch.arange(n, device=x.device)[None, :] < ((t + 1) // ratio)[:, None]       # [T, n]
             comp = torch.einsum("bthd,bjd->bhtj", q, entries).float() * scale
             allowed = visible
-            if ratio == 4:
+            if ratio == CSA_RATIO:
                 allowed = self.select(comp, x, qr, p, rope_t, visible)
             scores.append(comp.masked_fill(~allowed, float("-inf")))
             values.append(entries)

@@ -13,10 +13,10 @@ because every output element has its own accumulation.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from dsv4 import formats
 from dsv4.backends.canonical.primitives import (
@@ -143,27 +143,29 @@ def _quant_matmul(x: torch.Tensor, w: torch.Tensor, fmt: torch.dtype, scale: tor
     return y.reshape(*lead, n)
 
 
-# Decoded weights (fp64 values of e4m3/e2m1 codes) are kept per weight tensor, up to this many bytes in all: decoding
-# costs more than the GEMM itself at decode batch sizes. The values are the same either way.
+# Decoded weights (fp64 values of e4m3/e2m1 codes) are kept per weight tensor while it lives, up to this many bytes in
+# all: decoding costs more than the GEMM itself at decode batch sizes. The values are the same either way.
 DECODED_WEIGHTS_BUDGET = 1 << 30
-_decoded: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}   # id(weight) -> (weight, its version, values)
+_decoded: WeakTensorKeyDictionary = WeakTensorKeyDictionary()   # weight -> (its version, values); dies with it
 
 
 def _weight_values(weight: torch.Tensor) -> torch.Tensor:
     """Block-major fp64 values [..., K/block, block, N] of a stored FP8 (e4m3) or packed FP4 (int8) weight, cached
-    while the weight is unchanged."""
-    cached = _decoded.get(id(weight))
-    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
-        return cached[2]
+    while the weight is alive and unchanged."""
+    cached = _decoded.get(weight)
+    if cached is not None and cached[0] == weight._version:
+        return cached[1]
     if weight.dtype == torch.float8_e4m3fn:
         values = block_major(weight, FP8_BLOCK)
     elif weight.dtype == torch.int8:
         values = block_major(formats.unpack_fp4(weight), FP4_BLOCK)
     else:
         raise ValueError(f"quant_linear: weight dtype {weight.dtype} is neither float8_e4m3fn nor packed-fp4 int8")
-    if sum(v.nbytes for _, _, v in _decoded.values()) + values.nbytes <= DECODED_WEIGHTS_BUDGET:
-        _decoded[id(weight)] = (weakref.ref(weight), weight._version, values)
-        weakref.finalize(weight, _decoded.pop, id(weight), None)
+    held = sum(v.nbytes for _, v in _decoded.values()) - (cached[1].nbytes if cached is not None else 0)
+    if held + values.nbytes <= DECODED_WEIGHTS_BUDGET:
+        _decoded[weight] = (weight._version, values)
+    elif cached is not None:
+        del _decoded[weight]
     return values
 
 

@@ -70,11 +70,6 @@ def lane_sum(x: torch.Tensor, dim: int = -1, lanes: int = REDUCTION_LANES) -> to
     return _lane_tree(acc)
 
 
-def dot(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Products rounded to fp32, then `lane_sum` over `dim`."""
-    return lane_sum(a.float() * b.float(), dim)
-
-
 def float_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y[..., n] = lane-order sum over K of the fp32 products x[..., k] * w[n, k] (the `linear` contract).
 
@@ -105,16 +100,6 @@ def float_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, n)
 
 
-def block_exact_matmul(xq: torch.Tensor, wq: torch.Tensor, block: int) -> torch.Tensor:
-    """[M, K] x [N, K] -> [M, K/block, N]: each K block's exact dot product, rounded once to fp32.
-
-    The operands are tensors holding e4m3 or e2m1 values: their products lie on a fixed binary grid and a block's sum
-    needs fewer than 53 bits, so fp64 matrix multiply is exact whatever order the device sums in.
-    """
-    assert xq.shape[1] % block == 0, f"K={xq.shape[1]} is not a multiple of the block {block}"
-    return block_sums(xq, block_major(wq, block))
-
-
 def block_major(wq: torch.Tensor, block: int) -> torch.Tensor:
     """Weight values [..., N, K] -> fp64 [..., K/block, block, N], the layout `block_sums` multiplies with."""
     *lead, n, k = wq.shape
@@ -122,7 +107,10 @@ def block_major(wq: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def block_sums(xq: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """[M, K] activations x block-major weights [K/block, block, N] -> exact block sums [M, K/block, N] in fp32."""
+    """[M, K] activations x block-major weights [K/block, block, N] -> exact block sums [M, K/block, N] in fp32.
+
+    The operands hold e4m3 or e2m1 values: their products lie on a fixed binary grid and a block's sum needs fewer
+    than 53 bits, so the fp64 matrix multiply is exact whatever order the device sums in; each sum is rounded once."""
     nb, block, _ = wb.shape
     xb = xq.double().reshape(xq.shape[0], nb, block).transpose(0, 1)                 # [nb, M, block]
     return torch.bmm(xb, wb).float().transpose(0, 1)
