@@ -13,8 +13,9 @@ from typing import Callable
 
 import torch
 
+from dsv4 import validate
 from dsv4.cache import KVCache
-from dsv4.errors import DSV4Error
+from dsv4.diagnose import NonFiniteLogits, non_finite_error
 from dsv4.model import Step, Transformer
 
 
@@ -65,6 +66,7 @@ ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
 class Engine:
     def __init__(self, model: Transformer, device: torch.device, seed: int = 0, max_batch: int | None = None,
                  prefill_chunk: int | None = None):
+        validate.engine_settings(seed, max_batch, prefill_chunk)
         self.model, self.device, self.seed = model, torch.device(device), seed
         self.config = model.config
         self.max_batch = max_batch or self.config.max_batch_size
@@ -73,18 +75,7 @@ class Engine:
         self.timings = Timings()
 
     def check(self, request: Request) -> None:
-        total = len(request.prompt) + request.max_new_tokens
-        if not request.prompt:
-            raise DSV4Error("empty prompt: at least one token is needed")
-        if total > self.config.max_seq_len:
-            raise DSV4Error(f"prompt of {len(request.prompt)} tokens plus {request.max_new_tokens} new tokens exceeds "
-                            f"the context length of {self.config.max_seq_len}")
-        if not 0 <= request.top_p <= 1 or request.temperature < 0:
-            raise DSV4Error(f"bad sampling settings: temperature {request.temperature} must be >= 0 and top_p "
-                            f"{request.top_p} in [0, 1]")
-        bad = [t for t in request.prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise DSV4Error(f"prompt token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
+        validate.request(self.config, request)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: list[int], slots: list[int],
@@ -109,13 +100,20 @@ class Engine:
         return torch.cat(outputs, dim=1) if all_logits else outputs[-1]
 
     def sample(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> list[int]:
+        """One token per row. Rows whose logits hold NaN or Inf raise NonFiniteLogits: their finiteness is read in
+        the same host transfer as the tokens (no extra synchronisation), and the sampler gets zeros in their place."""
         ops = self.model.ops
         dev = logits.device
-        tokens = ops.sample(logits.float(), torch.tensor([r.temperature for r in requests], device=dev),
+        finite = torch.isfinite(logits).all(dim=-1)
+        tokens = ops.sample(torch.where(finite[:, None], logits.float(), 0.0),
+                            torch.tensor([r.temperature for r in requests], device=dev),
                             torch.tensor([r.top_p for r in requests], device=dev), self.seed,
                             torch.tensor([r.request_id for r in requests], device=dev),
                             torch.tensor(positions, device=dev))
-        return tokens.tolist()
+        tokens, finite = torch.stack([tokens, finite.to(tokens.dtype)]).tolist()
+        if not all(finite):
+            raise NonFiniteLogits(finite.index(0))
+        return tokens
 
     def generate(self, requests: list[Request], on_token: TokenCallback | None = None,
                  record_logits: bool = False, progress: ProgressCallback | None = None) -> list[Result]:
@@ -147,7 +145,12 @@ class Engine:
             order = list(live)
             logits = torch.stack([last_logits[i] for i in order])
             positions = [len(requests[i].prompt) + len(results[i].tokens) for i in order]
-            sampled = self.sample(logits, [requests[i] for i in order], positions)
+            try:
+                sampled = self.sample(logits, [requests[i] for i in order], positions)
+            except NonFiniteLogits as e:      # name the first layer that is not finite, on the sequence that showed it
+                i = order[e.row]
+                raise non_finite_error(self.model, self.device, requests[i].prompt + results[i].tokens,
+                                       self.prefill_chunk) from None
             for i, token, row in zip(order, sampled, logits):
                 results[i].tokens.append(token)
                 if record_logits:
