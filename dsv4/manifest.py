@@ -185,8 +185,10 @@ def check_on_load(root: Path, verify: bool | None, notice: Callable[[str], None]
 
 
 def _mismatch(root: Path, name: str, expected: FileDigest, actual: FileDigest) -> str:
-    changed = [key for key, sha in expected.tensors.items() if actual.tensors.get(key) != sha]
     where = f"{name} in {root} does not match its sha256 in {MANIFEST_FILE} (the file is corrupt or was changed)"
+    if expected.tensors and not actual.tensors:
+        return f"{where}: its safetensors header is not readable"
+    changed = [key for key, sha in expected.tensors.items() if actual.tensors.get(key) != sha]
     if changed:
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
         return f"{where}: the bytes of tensor {changed[0]}{more} differ"
