@@ -307,6 +307,16 @@ def backends(level):
                 click.echo(f"{n} at {level}: {e}")
 
 
+def _presets(text: str) -> tuple[str, ...]:
+    """Comma-separated preset names, each a known one."""
+    from dsv4.config import preset
+
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    for name in names:
+        preset(name)
+    return names
+
+
 @main.command()
 @click.option("--backend", required=True, help="Backend to certify (cpu, cuda, npu or a vendor plugin).")
 @click.option("--device", type=DEVICE, default=None, help="Device to run on (default: the backend's device type).")
@@ -405,16 +415,6 @@ def checkpoint_manifest(directory, force, quiet):
 
 
 # -- benchmarks: `dsv4 bench <what>`; each benchmark is a subcommand of this group ------------------------------------
-def _presets(text: str) -> tuple[str, ...]:
-    """Comma-separated preset names, each a known one."""
-    from dsv4.config import preset
-
-    names = tuple(p.strip() for p in text.split(",") if p.strip())
-    for name in names:
-        preset(name)
-    return names
-
-
 @main.command("eval")
 @click.option("--model", type=INPUT_DIR, default=None, help="Checkpoint directory (default: the embedded model).")
 @click.option("--preset", default=None, help="Score a preset's randomly initialised checkpoint instead.")

@@ -300,7 +300,7 @@ def test_a_corrupt_header_or_a_changed_small_file_is_caught(tiny_dir, tmp_path):
     api_error(lambda: load_checkpoint(root), SHARD, "its safetensors header is not readable")
     root = _copy(tiny_dir, tmp_path / "ckpt2")
     text = (root / "tokenizer.json").read_text()
-    (root / "tokenizer.json").write_text(text.replace("unused_300", "unused_301"))
+    (root / "tokenizer.json").write_text(text.replace("unused_258", "unused_852"))
     api_error(lambda: load_checkpoint(root), "tokenizer.json", "does not match its sha256")
 
 
