@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from dsv4 import validate
 from dsv4.backends.levels import Level
 from dsv4.backends.registry import OpTable, Registry, default_registry
-from dsv4 import validate
 from dsv4.checkpoint import (CONFIG_FILE, RANDOM_WEIGHTS_VERSION, TOKENIZER_FILE, checkpoint_files, load_checkpoint,
                              write_checkpoint)
 from dsv4.config import ModelConfig, preset as preset_config
@@ -138,7 +138,8 @@ def load(model: str | Path | None = None, preset: str | None = None, device: str
     ops = resolve_ops(validate.device(device), determinism, overrides, registry, backend)
     torch_device = torch.device(device)
     validate.device_present(torch_device)
-    path = path or preset_checkpoint(preset)
+    if path is None:
+        path = preset_checkpoint(preset)
     shard = None if group is None else (group.rank, group.size)
     config, tensors, tokenizer = load_checkpoint(path, device=torch_device, progress=progress, expert_shard=shard,
                                                  verify=verify, notice=notice)

@@ -16,6 +16,7 @@ from dsv4 import validate
 from dsv4.backends.contracts import CONTRACTS
 from dsv4.backends.levels import LEVEL_NAMES, Level
 from dsv4.errors import DSV4Error
+from dsv4.manifest import HASH_ON_LOAD_LIMIT, MANIFEST_FILE
 
 if TYPE_CHECKING:
     from dsv4.parallel import ExpertGroup
@@ -50,6 +51,7 @@ class Progress:
 
 
 def one_line(message: str) -> str:
+    """An error is one line, whatever text it quotes."""
     return " ".join(message.split("\n"))
 
 
@@ -126,8 +128,9 @@ TOKEN_IDS = Checked("ids", validate.parse_token_ids)
 INPUT_FILE = click.Path(exists=True, dir_okay=False, readable=True)
 INPUT_DIR = click.Path(exists=True, file_okay=False, readable=True)
 VERIFY = click.option("--verify/--no-verify", default=None,
-                      help="Hash every checkpoint file against its dsv4-manifest.json on load, or skip the manifest. "
-                           "Default: hash checkpoints up to 1 GiB, check only file sizes of larger ones.")
+                      help=f"Hash every checkpoint file against its {MANIFEST_FILE} on load, or skip the manifest. "
+                           f"Default: hash checkpoints up to {HASH_ON_LOAD_LIMIT >> 30} GiB, check only the file "
+                           f"sizes of larger ones.")
 
 
 def say_note(message: str) -> None:
@@ -382,7 +385,6 @@ def checkpoint_verify(directory, quiet):
     """Hash every file of DIRECTORY against its manifest, whatever the checkpoint's size; a mismatch is an error
     naming the file and the tensor."""
     from dsv4.checkpoint import verify_checkpoint
-    from dsv4.manifest import MANIFEST_FILE
 
     progress = Progress(enabled=not quiet)
     found = verify_checkpoint(directory, progress=lambda done, total: progress("verify", done, total))
@@ -401,7 +403,7 @@ def checkpoint_manifest(directory, force, quiet):
     from pathlib import Path
 
     from dsv4.checkpoint import checkpoint_files
-    from dsv4.manifest import MANIFEST_FILE, write_manifest
+    from dsv4.manifest import write_manifest
 
     root = Path(directory)
     target = validate.output_file(root / MANIFEST_FILE, "manifest")
