@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dsv4 import manifest, validate
 from dsv4.backends.canonical.primitives import counter_uniform
 from dsv4.backends.contracts import FP4_BLOCK, FP8_BLOCK
-from dsv4 import manifest, validate
 from dsv4.config import ModelConfig
 from dsv4.errors import DSV4Error
 from dsv4.formats import (dequantize_fp8_weight, e8m0_to_float, float_to_e8m0, quantize_weight_fp4,
