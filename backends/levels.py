@@ -20,6 +20,8 @@ class Level(enum.IntEnum):
     def parse(cls, text: "str | Level") -> "Level":
         if isinstance(text, Level):
             return text
+        if not isinstance(text, str):
+            raise DSV4Error(f"determinism level must be a level name, got {text!r}")
         for level in cls:
             if level.label == text.strip().lower().replace("_", "-"):
                 return level

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from dsv4 import validate
 from dsv4.backends.contracts import CONTRACTS, Ops, signature_mismatch
 from dsv4.backends.levels import Level
 from dsv4.errors import DSV4Error
@@ -121,9 +122,11 @@ class Registry:
         if check_available and (reason := b.unavailable_reason()):
             raise DSV4Error(f"backend {b.name!r} is not usable here: {reason}")
         overrides = dict(overrides or {})
-        unknown = set(overrides) - set(CONTRACTS)
-        if unknown:
-            raise DSV4Error(f"op override names unknown op(s): {', '.join(sorted(unknown))}")
+        for op, target in overrides.items():
+            if op not in CONTRACTS:
+                raise validate.unknown_key(op, CONTRACTS, "op override")
+            if not isinstance(target, str) or not target.partition(":")[0]:
+                raise DSV4Error(f"op override {op}={target!r}: expected 'backend[:kernel]'")
         chosen: dict[str, Kernel] = {}
         for op in CONTRACTS:
             source, kernel_name = b, None
@@ -172,18 +175,33 @@ def parse_overrides(text: str | None) -> dict[str, str]:
 
 def collect_overrides(cli: str | None = None, config_file: str | None = None) -> dict[str, str]:
     """Overrides from a TOML config file ([ops] table), then the environment, then the CLI (later ones win)."""
-    merged: dict[str, str] = {}
-    if config_file:
-        import tomllib
-        try:
-            with open(config_file, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise DSV4Error(f"cannot read op config {config_file}: {e}") from None
-        merged.update({str(k): str(v) for k, v in data.get("ops", {}).items()})
+    merged = read_op_config(config_file) if config_file else {}
     merged.update(parse_overrides(os.environ.get(OVERRIDE_ENV)))
     merged.update(parse_overrides(cli))
     return merged
+
+
+def read_op_config(path: str) -> dict[str, str]:
+    """The overrides of an op-config TOML file: one [ops] table of op = "backend[:kernel]", every op a known one."""
+    import tomllib
+
+    where = f"op config {path}"
+    try:
+        data = tomllib.loads(validate.read_text(path, "op config"))
+    except tomllib.TOMLDecodeError as e:
+        raise DSV4Error(f"{where} is not valid TOML: {e}") from None
+    for key in data:
+        if key != "ops":
+            raise validate.unknown_key(key, ["ops"], where)
+    ops = data.get("ops")
+    if not isinstance(ops, dict):
+        raise DSV4Error(f"{where} has no [ops] table of op = \"backend[:kernel]\" lines")
+    for op, target in ops.items():
+        if op not in CONTRACTS:
+            raise validate.unknown_key(op, CONTRACTS, f"{where}: [ops]")
+        if not isinstance(target, str) or not target.partition(":")[0]:
+            raise DSV4Error(f"{where}: [ops] {op} = {target!r}: expected a string \"backend[:kernel]\"")
+    return ops
 
 
 _DEFAULT: Registry | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dsv4 import manifest, validate
 from dsv4.backends.canonical.primitives import counter_uniform
 from dsv4.backends.contracts import FP4_BLOCK, FP8_BLOCK
 from dsv4.config import CSA_RATIO, ModelConfig
@@ -34,7 +36,7 @@ from dsv4.parallel import expert_range
 from dsv4.tokenizer import Tokenizer, byte_level_tokenizer_json
 
 BF16, F32, E4M3, E8M0 = torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e8m0fnu
-INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE, TOKENIZER_FILE, INDEX_FILE = "config.json", "tokenizer.json", "model.safetensors.index.json"
 _SAFETENSORS_DTYPE = {BF16: "BF16", F32: "F32", E4M3: "F8_E4M3", E8M0: "F8_E8M0", torch.int8: "I8",
                       torch.int64: "I64"}
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123]\.(?:weight|scale))$")          # official, per expert
@@ -246,8 +248,8 @@ def write_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0, sh
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    (out / "tokenizer.json").write_text(tokenizer_json)
+    (out / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    (out / TOKENIZER_FILE).write_text(tokenizer_json)
     shard, pending = 0, {}
     for name, value in random_weights(config, seed) if weights is None else weights:
         _check_weight(name, value, next(expected, None), layout)
@@ -262,6 +264,7 @@ def write_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0, sh
     index = {"metadata": {"total_size": sum(spec.nbytes for spec in layout.values())},
              "weight_map": {name: files[plan[name]] for name in layout}}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    manifest.write_manifest(out, checkpoint_files(out))
     return out
 
 
@@ -305,20 +308,23 @@ def _plan_shards(layout: dict[str, TensorSpec], shards: int) -> dict[str, int]:
 
 # -- loading --------------------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    progress: Callable[[int, int], None] | None = None, expert_shard: tuple[int, int] | None = None
+                    progress: Callable[[int, int], None] | None = None, expert_shard: tuple[int, int] | None = None,
+                    verify: bool | None = None, notice: Callable[[str], None] = warnings.warn
                     ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Read an official (or HF-named) checkpoint directory into `runtime_layout` tensors on `device`.
 
-    Every file, name, shape and dtype is checked against `official_layout` from the safetensors headers before any
-    data is read; a problem raises DSV4Error naming the tensor and file. Files are memory-mapped. `progress` is
-    called with (checkpoint tensors read, total) as the conversion goes. `expert_shard` = (rank, size) reads only
-    that expert-parallel rank's routed experts (dsv4.parallel.expert_range); other experts' data is never read.
+    First the files are checked against the directory's checksum manifest (dsv4.manifest.check_on_load; `verify`
+    True: always hash, False: skip, None: hash up to HASH_ON_LOAD_LIMIT bytes; `notice` is told what was not
+    checked). Then every file, name, shape and dtype is checked against `official_layout` from the safetensors
+    headers before any data is read, and every float tensor is checked for NaN/Inf as it is read; a problem raises
+    DSV4Error naming the tensor and file. Files are memory-mapped. `progress` is called with (checkpoint tensors
+    read, total) as the conversion goes. `expert_shard` = (rank, size) reads only that expert-parallel rank's
+    routed experts (dsv4.parallel.expert_range); other experts' data is never read.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise DSV4Error(f"checkpoint directory {root} does not exist")
-    config = ModelConfig.from_file(root / "config.json")
-    tokenizer = Tokenizer.from_file(root / "tokenizer.json")
+    root = validate.directory(path, "checkpoint directory")
+    checked = manifest.check_on_load(root, verify, notice)
+    config = ModelConfig.from_file(root / CONFIG_FILE)
+    tokenizer = Tokenizer.from_file(root / TOKENIZER_FILE)
     if (tokenizer.bos_id, tokenizer.eos_id) != (config.bos_token_id, config.eos_token_id):
         raise DSV4Error(f"tokenizer.json has bos/eos ids {tokenizer.bos_id}/{tokenizer.eos_id} but config.json "
                         f"says {config.bos_token_id}/{config.eos_token_id}")
@@ -326,6 +332,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                                                                                          *expert_shard)
     layout = official_layout(config)
     files, index = _checkpoint_files(root)
+    if checked is not None:
+        _check_listed(root, checked, _files_read(files, index))
     with ExitStack() as stack:
         handles = {file: _open(root / file, stack) for file in files}
         found = _find_tensors(handles)
@@ -344,6 +352,31 @@ def _official_name(key: str) -> str | None:
     return name
 
 
+def checkpoint_files(root: Path) -> list[str]:
+    """Every file a load reads: config, tokenizer, the index when there is one, and the shards."""
+    return _files_read(*_checkpoint_files(root))
+
+
+def _files_read(shards: list[str], index: dict[str, str] | None) -> list[str]:
+    return [CONFIG_FILE, TOKENIZER_FILE, *([INDEX_FILE] if index is not None else []), *shards]
+
+
+def verify_checkpoint(path: str | Path, progress: Callable[[int, int], None] | None = None) -> manifest.Manifest:
+    """Hash every file of the checkpoint at `path` against its manifest, whatever its size; the manifest must list
+    every file a load reads. `progress` gets (files hashed, total)."""
+    root = validate.directory(path, "checkpoint directory")
+    found = manifest.require(root)
+    manifest.verify_files(root, found, progress)
+    _check_listed(root, found, checkpoint_files(root))
+    return found
+
+
+def _check_listed(root: Path, checked: manifest.Manifest, files: list[str]) -> None:
+    if unlisted := set(files) - set(checked.files):
+        raise DSV4Error(f"{min(unlisted)} in {root} is not listed in its {manifest.MANIFEST_FILE}, so it is not "
+                        f"checksummed; `dsv4 checkpoint manifest --force {root}` rewrites the manifest")
+
+
 def _checkpoint_files(root: Path) -> tuple[list[str], dict[str, str] | None]:
     """The safetensors files to read and, when there is an index, where it says each (official) name lives."""
     index_path = root / INDEX_FILE
@@ -353,7 +386,7 @@ def _checkpoint_files(root: Path) -> tuple[list[str], dict[str, str] | None]:
             raise DSV4Error(f"{root} has {len(files)} .safetensors files and no {INDEX_FILE}; expected exactly one")
         return files, None
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = json.loads(validate.read_text(index_path, "safetensors index"))["weight_map"]
         files = sorted({str(file) for file in weight_map.values()})
         index = {name: str(file) for key, file in weight_map.items() if (name := _official_name(key)) is not None}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -419,9 +452,8 @@ def _convert(config: ModelConfig, experts: range, layout: dict[str, TensorSpec],
         nonlocal done
         file, key = found[name]
         tensor = handles[file].get_tensor(key)
+        _check_values(tensor, name, key, file, config)
         if layout[name].dtype == E8M0:
-            if (tensor.view(torch.uint8) == 255).any():
-                raise DSV4Error(f"scale {key} in {file} holds e8m0 code 255 (NaN)")
             tensor = e8m0_to_float(tensor)
         done += 1
         if progress is not None:
@@ -439,3 +471,17 @@ def _convert(config: ModelConfig, experts: range, layout: dict[str, TensorSpec],
             value = read(name)
         tensors[name] = value.to(device=device, dtype=spec.dtype)
     return tensors
+
+
+def _check_values(tensor: torch.Tensor, name: str, key: str, file: str, config: ModelConfig) -> None:
+    """Scales, norms and every other bf16/fp32 tensor finite, hash-routing tables within the experts. FP8/FP4 weight
+    payloads (most of the bytes) are not scanned: a NaN code there makes the logits non-finite, which names the
+    layer (dsv4.diagnose)."""
+    if tensor.dtype == E8M0 and (tensor.view(torch.uint8) == 255).any():
+        raise DSV4Error(f"scale {key} in {file} holds e8m0 code 255 (NaN)")
+    # The largest magnitude is finite iff every value is (amax propagates NaN): one reduction, much cheaper than
+    # an elementwise isfinite on bf16.
+    if tensor.dtype in (BF16, F32) and tensor.numel() and not torch.isfinite(tensor.abs().amax()):
+        raise DSV4Error(f"tensor {key} in {file} holds {int((~torch.isfinite(tensor)).sum())} NaN or Inf value(s)")
+    if name.endswith("gate.tid2eid") and ((tensor < 0) | (tensor >= config.n_routed_experts)).any():
+        raise DSV4Error(f"hash-routing table {key} in {file} names experts outside 0..{config.n_routed_experts - 1}")

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from dsv4 import validate
 from dsv4.backends.contracts import CONTRACTS
 from dsv4.backends.levels import LEVEL_NAMES
 from dsv4.benchmarks import options as bench
 from dsv4.errors import DSV4Error
+from dsv4.manifest import HASH_ON_LOAD_LIMIT, MANIFEST_FILE
 from dsv4.progress import Progress
 
 if TYPE_CHECKING:
@@ -24,6 +27,11 @@ if TYPE_CHECKING:
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
+def one_line(message: str) -> str:
+    """An error is one line, whatever text it quotes."""
+    return " ".join(message.split("\n"))
+
+
 def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,7 +39,7 @@ def friendly_errors(fn):
             result = fn(*args, **kwargs)
             code = 0
         except DSV4Error as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(str(e))}", err=True)
             code = 2
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -47,7 +55,66 @@ def friendly_errors(fn):
     return wrapper
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """Click's own usage errors (a bad option value, an unknown option) look like every other error: one line
+    `error: ...` on stderr and exit code 2, instead of click's usage block."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, which lets NaN and infinity through, without them."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class Checked(click.ParamType):
+    """A click type from a dsv4.validate function: the command line and the Python API refuse the same inputs with
+    the same words, before any work starts."""
+
+    def __init__(self, name: str, check: Callable[[str], Any]):
+        self.name, self.check = name, check
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.check(value)
+        except DSV4Error as e:
+            self.fail(str(e), param, ctx)
+
+
+DEVICE = Checked("device", validate.device)
+OUTPUT_FILE = Checked("file", lambda path: str(validate.output_file(path)))
+PROMPT_TEXT = Checked("text", validate.text)
+TOKEN_IDS = Checked("ids", validate.parse_token_ids)
+INPUT_FILE = click.Path(exists=True, dir_okay=False, readable=True)
+INPUT_DIR = click.Path(exists=True, file_okay=False, readable=True)
+VERIFY = click.option("--verify/--no-verify", default=None,
+                      help=f"Hash every checkpoint file against its {MANIFEST_FILE} on load, or skip the manifest. "
+                           f"Default: hash checkpoints up to {HASH_ON_LOAD_LIMIT >> 30} GiB, check only the file "
+                           f"sizes of larger ones.")
+
+
+def say_note(message: str) -> None:
+    click.echo(f"note: {one_line(message)}", err=True)
+
+
+@click.group(cls=OneLineErrors)
 @click.version_option(package_name="dsv4")
 def main() -> None:
     """DeepSeek-V4 inference on any accelerator, with determinism you can prove."""
@@ -63,10 +130,11 @@ def options(*decorators: Callable) -> Callable:
 
 
 backend_options = options(
-    click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu (optionally :index)."),
+    click.option("--device", type=DEVICE, default="cpu", show_default=True,
+                 help="cpu, cuda or npu (optionally :index)."),
     click.option("--determinism", type=click.Choice(LEVEL_NAMES), default="fast", show_default=True,
                  help="Determinism level every kernel must declare."),
-    click.option("--ops-config", type=click.Path(dir_okay=False), default=None,
+    click.option("--ops-config", type=INPUT_FILE, default=None,
                  help="TOML file with an [ops] table of per-op overrides."),
     click.option("--ops", "op_overrides", default=None,
                  help="Per-op kernel overrides: op=backend[:kernel],... (also DSV4_OP_OVERRIDES)."),
@@ -75,7 +143,7 @@ parallel_options = options(
     click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Run as this many local processes, the routed experts split among them (expert "
                  "parallelism). Launching under torchrun works too."),
-    click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+    click.option("--dist-timeout", type=FiniteFloat(min=0, min_open=True), default=600.0,
                  show_default=True, help="Seconds a process waits for the others (rendezvous and every "
                  "collective) before it gives up with an error."),
 )
@@ -118,48 +186,62 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
 @model_option
 @click.option("--preset", default=None, help="Run a preset's randomly initialised checkpoint (tiny, small, ...).")
 @backend_options
-@click.option("--prompt", "prompts", multiple=True, help=f"Prompt text; repeat to decode a batch. [default: {DEFAULT_PROMPT!r}]")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prefill-chunk", type=int, default=None, help="Prefill the prompt in chunks of this many tokens.")
-@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
+@click.option("--prompt", "prompts", type=PROMPT_TEXT, multiple=True,
+              help=f"Prompt text; repeat to decode a batch. [default: {DEFAULT_PROMPT!r}]")
+@click.option(validate.PROMPT_IDS_OPTION, "prompt_ids", type=TOKEN_IDS, multiple=True,
+              help="A prompt as comma-separated token ids (what the tokenizer gives for its text, BOS added before "
+                   "them), instead of --prompt; repeat to decode a batch.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=FiniteFloat(0, 1), default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, validate.SEED_LIMIT - 1), default=0, show_default=True)
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=None,
+              help="Prefill the prompt in chunks of this many tokens.")
+@click.option("--logits-out", type=OUTPUT_FILE, default=None,
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
               "(same bits).")
+@VERIFY
 @quiet_option
 @parallel_options
 @friendly_errors
-def run(model, preset, device, determinism, ops_config, op_overrides, prompts, max_new_tokens, temperature, top_p,
-        seed, prefill_chunk, logits_out, eager, quiet, nproc, dist_timeout):
+def run(model, preset, device, determinism, ops_config, op_overrides, prompts, prompt_ids, max_new_tokens,
+        temperature, top_p, seed, prefill_chunk, logits_out, eager, verify, quiet, nproc, dist_timeout):
     """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded.
 
     One prompt streams its completion; several prompts decode together as one batch and print in order."""
-    from dsv4.api import checkpoint_config, load
+    from dsv4.api import checkpoint_config, checkpoint_tokenizer, load, prompt_tokens
     from dsv4.backends.registry import collect_overrides
     from dsv4.engine import Request, prompt_key
     from dsv4.parallel import join
     from dsv4.tokenizer import IncrementalDecoder
 
-    if ranks_launched(nproc, lambda: checkpoint_config(model, preset).n_routed_experts):
-        return
-    prompts = prompts or (DEFAULT_PROMPT,)
+    if prompts and prompt_ids:
+        raise DSV4Error(f"give prompts as --prompt text or as {validate.PROMPT_IDS_OPTION}, not both")
+    given = prompts or prompt_ids or (DEFAULT_PROMPT,)
+    # Every request is checked against the model's config and tokenizer before any weights are read.
+    config, tokenizer = checkpoint_config(model, preset), checkpoint_tokenizer(model, preset)
+    requests = []
+    for prompt in given:
+        ids = prompt_tokens(prompt, tokenizer, config)
+        # A request's sampling key is its prompt's content: the same tokens wherever it sits in a batch.
+        requests.append(Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids)))
+        validate.request(config, requests[-1])
+    texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in given]
     overrides = collect_overrides(op_overrides, ops_config)
+    if ranks_launched(nproc, lambda: config.n_routed_experts):
+        return
     settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
-                "prompts": list(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature,
+                "prompts": list(given), "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk}
     with join(device.split(":")[0], settings, dist_timeout) as group, rank_zero_speaks(group), \
             Progress(enabled=not quiet) as progress:
         device = group.place(device) if group else device
-        pipe = load(model, preset, device, determinism, overrides, progress=progress.loading, group=group)
-        config = pipe.config
-        # A request's sampling key is its prompt's content: the same tokens wherever it sits in a batch.
-        requests = [Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids))
-                    for ids in ([config.bos_token_id] + pipe.tokenizer.encode(p) for p in prompts)]
+        pipe = load(model, preset, device, determinism, overrides, progress=progress.loading, group=group,
+                    verify=verify, notice=say_note)
         engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk, graphs=not eager)
         decoder = IncrementalDecoder(pipe.tokenizer)
-        streaming = len(prompts) == 1
+        streaming = len(requests) == 1
         if streaming:
             progress.hidden.add("decode")     # the streamed text is the progress; a bar or lines would break it up
         started = []
@@ -167,7 +249,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
         def stream(_: int, token: int) -> None:
             if not started:                   # the prompt, once the prefill (and its bar) is done
                 started.append(True)
-                click.echo(prompts[0], nl=False)
+                click.echo(texts[0], nl=False)
             if token != config.eos_token_id:
                 click.echo(decoder.push(token), nl=False)
 
@@ -177,9 +259,8 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, m
         if streaming:
             click.echo(decoder.finish())
         else:
-            for prompt, result in zip(prompts, results):
-                text = pipe.tokenizer.decode([t for t in result.tokens if t != config.eos_token_id])
-                click.echo(prompt + text)
+            for text, result in zip(texts, results):
+                click.echo(text + pipe.tokenizer.decode([t for t in result.tokens if t != config.eos_token_id]))
         if logits_out and not (group and group.rank):
             import torch
             from safetensors.torch import save_file
@@ -227,12 +308,22 @@ def backends(level):
                 click.echo(f"{n} at {level}: {e}")
 
 
+def _presets(text: str) -> tuple[str, ...]:
+    """Comma-separated preset names, each a known one."""
+    from dsv4.config import preset
+
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    for name in names:
+        preset(name)
+    return names
+
+
 @main.command()
 @click.option("--backend", required=True, help="Backend to certify (cpu, cuda, npu or a vendor plugin).")
-@click.option("--device", default=None, help="Device to run on (default: the backend's device type).")
+@click.option("--device", type=DEVICE, default=None, help="Device to run on (default: the backend's device type).")
 @click.option("--level", type=click.Choice(LEVEL_NAMES), default="exact", show_default=True)
 @click.option("--presets", default="tiny", show_default=True, help="Comma-separated presets for whole-model checks.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
+@click.option("--report", "report_path", type=OUTPUT_FILE, default=None, help="Write the JSON report here.")
 @quiet_option
 @friendly_errors
 def verify(backend, device, level, presets, report_path, quiet):
@@ -242,7 +333,7 @@ def verify(backend, device, level, presets, report_path, quiet):
     from dsv4.backends.conformance import verify as run_verify
 
     with Progress(enabled=not quiet) as progress:
-        report = run_verify(backend, device, level, tuple(p for p in presets.split(",") if p), progress=progress)
+        report = run_verify(backend, device, level, _presets(presets), progress=progress)
     if report_path:
         Path(report_path).write_text(report.to_json())
     click.echo(report.table())
@@ -250,8 +341,8 @@ def verify(backend, device, level, presets, report_path, quiet):
 
 
 @main.command()
-@click.argument("first", type=click.Path(exists=True, dir_okay=False))
-@click.argument("second", type=click.Path(exists=True, dir_okay=False))
+@click.argument("first", type=INPUT_FILE)
+@click.argument("second", type=INPUT_FILE)
 @friendly_errors
 def compare(first, second):
     """Diff two `dsv4 verify` reports (e.g. from two machines) check by check; non-zero exit if they differ."""
@@ -274,8 +365,52 @@ def golden(presets):
     """Maintainers: regenerate the golden digests from the CPU reference (backends/golden/digests.json)."""
     from dsv4.backends.conformance import GOLDEN_FILE, regenerate_golden
 
-    digests = regenerate_golden(tuple(p for p in presets.split(",") if p))
+    digests = regenerate_golden(_presets(presets))
     click.echo(f"wrote {len(digests)} digests to {GOLDEN_FILE}")
+
+
+@main.group()
+def checkpoint() -> None:
+    """Checksum manifests (dsv4-manifest.json) of checkpoint directories: verify one, or write one for a download."""
+
+
+@checkpoint.command("verify")
+@click.argument("directory", type=INPUT_DIR)
+@quiet_option
+@friendly_errors
+def checkpoint_verify(directory, quiet):
+    """Hash every file of DIRECTORY against its manifest, whatever the checkpoint's size; a mismatch is an error
+    naming the file and the tensor."""
+    from dsv4.checkpoint import verify_checkpoint
+
+    with Progress(enabled=not quiet) as progress:
+        found = verify_checkpoint(directory, progress=lambda done, total: progress("verify", done, total))
+    click.echo(f"{directory}: {len(found.files)} files ({found.nbytes / 1e6:.1f} MB) match {MANIFEST_FILE}")
+
+
+@checkpoint.command("manifest")
+@click.argument("directory", type=INPUT_DIR)
+@click.option("--force", is_flag=True, help="Replace an existing manifest.")
+@quiet_option
+@friendly_errors
+def checkpoint_manifest(directory, force, quiet):
+    """Write DIRECTORY/dsv4-manifest.json: the sha256 of every file a load reads and of every tensor in them; later
+    loads and `dsv4 checkpoint verify` check against it. Run it once on a fresh download, and compare the sha256
+    it prints (sha256sum format) with the publisher's: Hugging Face lists one per file."""
+    from pathlib import Path
+
+    from dsv4.checkpoint import checkpoint_files
+    from dsv4.manifest import write_manifest
+
+    root = Path(directory)
+    target = validate.output_file(root / MANIFEST_FILE, "manifest")
+    if target.exists() and not force:
+        raise DSV4Error(f"{target} exists (`dsv4 checkpoint verify {root}` checks against it; --force replaces it)")
+    with Progress(enabled=not quiet) as progress:
+        written = write_manifest(root, checkpoint_files(root), lambda done, total: progress("hash", done, total))
+    for name, entry in written.files.items():
+        click.echo(f"{entry.sha256}  {name}")
+    click.echo(f"wrote {target}", err=True)
 
 
 @main.command("eval")
@@ -283,14 +418,16 @@ def golden(presets):
 @click.option("--preset", default=None, help="Score a preset's randomly initialised checkpoint instead.")
 @click.option("--backend", default=None, help="Backend by name (e.g. a vendor plugin) instead of the device's own.")
 @backend_options
-@click.option("--segments", "max_segments", type=int, default=128, show_default=True,
+@click.option("--segments", "max_segments", type=click.IntRange(min=0), default=128, show_default=True,
               help="Score this many evenly spaced 512-token segments (0: all of them).")
-@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--file", "files", multiple=True, type=INPUT_FILE,
               help="Score these text files instead of the held-out standard-library files; repeatable.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Segments per forward step.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Segments per forward step.")
+@VERIFY
 @quiet_option
 @friendly_errors
-def evaluate(model, preset, backend, device, determinism, ops_config, op_overrides, max_segments, files, batch, quiet):
+def evaluate(model, preset, backend, device, determinism, ops_config, op_overrides, max_segments, files, batch,
+             verify, quiet):
     """Perplexity on the held-out Python standard-library files, which the default model never saw in training.
 
     Prints the perplexity, the float64 NLL sum and a digest of the scored logits: backends that agree bit for bit
@@ -302,9 +439,11 @@ def evaluate(model, preset, backend, device, determinism, ops_config, op_overrid
     from dsv4.api import load
     from dsv4.backends.registry import collect_overrides
 
+    for f in files:
+        validate.read_bytes(f, "file to score")       # an empty or unreadable file fails before the model loads
     with Progress(enabled=not quiet) as progress:
         pipe = load(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
-                    backend=backend, progress=progress.loading)
+                    backend=backend, progress=progress.loading, verify=verify, notice=say_note)
         paths = [Path(f) for f in files] or evaluation.split(evaluation.stdlib_files())[1]
         segs = evaluation.segments([pipe.tokenizer.encode(evaluation.read_source(p)) for p in paths],
                                    pipe.config.bos_token_id)
@@ -356,7 +495,7 @@ def bench_ops(device, preset_name, batches, prefills, context, levels, json_out,
 @click.option("--kinds", default="csa,hca", show_default=True, help="Layer kinds: csa, hca, window.")
 @click.option("--exact-prefill-max", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Time the exact level on prefills up to this length (it runs on CUDA cores: slow).")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_out", type=OUTPUT_FILE, default=None,
               help="Also draw decode GPU time against batch size per level here (SVG).")
 @friendly_errors
 def bench_layer(device, preset_name, batches, prefills, context, levels, json_out, quiet, kinds,
@@ -384,7 +523,7 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
 
 
 @bench_group.command("model")
-@click.option("--device", default="cuda", show_default=True)
+@click.option("--device", type=DEVICE, default="cuda", show_default=True)
 @click.option("--preset", "preset_name", default="v4-flash", show_default=True,
               help="Take every dimension and the layer pattern from this preset.")
 @click.option("--layers", type=click.IntRange(min=1), default=16, show_default=True,
@@ -396,8 +535,8 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
 @click.option("--prefill", type=click.IntRange(min=0), default=4096, show_default=True,
               help="Prompt length of the prefill timing (0: none).")
 @click.option("--levels", default="fast,batch-invariant,exact", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_out", type=OUTPUT_FILE, default=None, help="Also write JSON here.")
+@click.option("--plot", "plot_out", type=OUTPUT_FILE, default=None,
               help="Also draw time per output token against batch size per level here (SVG).")
 @quiet_option
 @friendly_errors
@@ -421,12 +560,12 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
 
 
 @bench_group.command("moe")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or npu.")
 @click.option("--preset", "preset_name", default="v4-flash", show_default=True,
               help="Take dim, routed experts and top-k from this preset.")
 @click.option("--tokens", default="16,128,512", show_default=True, help="Comma-separated tokens per step.")
 @click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows here.")
+@click.option("--json", "json_out", type=OUTPUT_FILE, default=None, help="Also write the rows here.")
 @parallel_options
 @friendly_errors
 def bench_moe(device, preset_name, tokens, iters, json_out, nproc, dist_timeout):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv4 import validate
 from dsv4.errors import DSV4Error
 
 CSA_RATIO = 4       # the compress ratio of CSA layers: overlapping blocks and the lightning indexer; any other is HCA
@@ -82,6 +84,15 @@ class ModelConfig:
 
     # -- validation ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Each field's type and range, then the architecture's constraints; a DSV4Error names the field."""
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), _FIELD_TYPES[f.name]
+            validate.typed(value, hint, f"invalid model config: {f.name}")
+            zero_ok = f.name in _MAY_BE_ZERO
+            if hint in (int, float) and (value < 0 or value == 0 and not zero_ok):
+                raise DSV4Error(f"invalid model config: {f.name} must be {'>= 0' if zero_ok else 'positive'}, "
+                                f"got {value}")
+
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise DSV4Error(f"invalid model config: {what}")
@@ -92,6 +103,8 @@ class ModelConfig:
         need(all(r == 0 or (r > 0 and CACHE_BLOCK % r == 0) for r in self.compress_ratios),
              f"compress ratios must be 0 or divide the cache block of {CACHE_BLOCK} positions, got "
              f"{list(self.compress_ratios)}")
+        need(self.n_hash_layers <= self.n_layers, f"n_hash_layers {self.n_hash_layers} exceeds n_layers {self.n_layers}")
+        need(self.hc_mult >= 2, f"hc_mult must be >= 2 (mHC mixes several residual streams), got {self.hc_mult}")
         need(self.n_shared_experts == 1, "n_shared_experts must be 1 (as in the reference)")
         need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r} is not supported (sqrtsoftplus)")
         need(self.rope_head_dim % 2 == 0 and self.rope_head_dim < self.head_dim, "rope_head_dim must be even and < head_dim")
@@ -104,9 +117,14 @@ class ModelConfig:
             need(getattr(self, name) % 128 == 0, f"{name} must be a multiple of 128 (FP8/FP4 activation blocks)")
         need(self.n_heads * self.head_dim // self.o_groups % 128 == 0, "per-group output width must be a multiple of 128")
         need(self.max_seq_len % 128 == 0, "max_seq_len must be a multiple of 128")
+        for name in ("bos_token_id", "eos_token_id"):
+            need(getattr(self, name) < self.vocab_size, f"{name} {getattr(self, name)} is outside the vocabulary of "
+                                                        f"{self.vocab_size}")
+        need(self.bos_token_id != self.eos_token_id, "bos_token_id and eos_token_id must differ")
         need(self.dtype in ("fp8", "bf16"), f"dtype {self.dtype!r}: expected fp8 or bf16")
         need(self.scale_fmt == "ue8m0", f"scale_fmt {self.scale_fmt!r}: only ue8m0 (power-of-two scales) is supported")
         need(self.expert_dtype in ("fp4", "fp8"), f"expert_dtype {self.expert_dtype!r}: expected fp4 or fp8")
+        need(self.scale_fmt == "ue8m0", f"scale_fmt {self.scale_fmt!r}: expected ue8m0 (the only scale format dsv4 reads)")
 
     # -- (de)serialisation --------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -116,35 +134,73 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelConfig":
-        """Build from the reference `inference/config.json` or the HF root `config.json` (HF names translated)."""
-        data = dict(data)
-        for hf, ours in _HF_NAMES.items():
-            if hf in data and ours not in data:
-                data[ours] = data[hf]
-        rope = data.get("rope_scaling") or {}
-        for hf, ours in (("factor", "rope_factor"), ("original_max_position_embeddings", "original_seq_len"),
-                         ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
-            if hf in rope and ours not in data:
-                data[ours] = rope[hf]
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        if "compress_ratios" in kwargs:
-            kwargs["compress_ratios"] = tuple(int(r) for r in kwargs["compress_ratios"])
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise DSV4Error(f"invalid model config: {e}") from None
+        """Build from the reference `inference/config.json` or the HF root `config.json` (HF names translated).
+
+        Every key must be a field, an HF name of one, or one of the HF fields dsv4 knowingly ignores
+        (HF_IGNORED); an unknown key is an error naming it, with the closest known key as a suggestion."""
+        if not isinstance(data, dict):
+            raise DSV4Error(f"invalid model config: expected a JSON object, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict = {}
+
+        def put(name: str, value, key: str) -> None:
+            if name not in fields:
+                raise validate.unknown_key(key, sorted(fields | set(_HF_NAMES) | HF_IGNORED), "invalid model config")
+            value = _from_json_number(value, _FIELD_TYPES[name])
+            if name in values and values[name] != value:
+                raise DSV4Error(f"invalid model config: {name} is given twice with different values, "
+                                f"{values[name]!r} and {value!r} (as {key!r})")
+            values[name] = value
+
+        for key, value in data.items():
+            if key == "rope_scaling":
+                for sub, v in _rope_scaling(value).items():
+                    put(_ROPE_SCALING_NAMES[sub], v, f"rope_scaling.{sub}")
+            elif key not in HF_IGNORED:
+                put(_HF_NAMES.get(key, key), value, key)
+        if isinstance(values.get("compress_ratios"), list):
+            values["compress_ratios"] = tuple(values["compress_ratios"])
+        return cls(**values)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
+        text = validate.read_text(path, "config")
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DSV4Error(f"no config.json at {path}") from None
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DSV4Error(f"{path} is not valid JSON: {e}") from None
-        return cls.from_json(data)
+        try:
+            return cls.from_json(data)
+        except DSV4Error as e:
+            raise DSV4Error(f"{path}: {e}") from None
+
+
+_FIELD_TYPES = typing.get_type_hints(ModelConfig)
+# Numbers that may be 0; every other int must be >= 1 and every other float > 0.
+_MAY_BE_ZERO = frozenset({"n_hash_layers", "n_mtp_layers", "original_seq_len", "bos_token_id", "eos_token_id"})
+
+
+def _from_json_number(value, hint):
+    """JSON does not tell 32 from 32.0: an integral float is accepted for an int field, an int for a float field."""
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _rope_scaling(value) -> dict:
+    """The HF `rope_scaling` object: its known keys (see _ROPE_SCALING_NAMES), or an error naming an unknown one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DSV4Error(f"invalid model config: rope_scaling must be an object, got {value!r}")
+    for key in value:
+        if key not in _ROPE_SCALING_NAMES and key not in ROPE_SCALING_IGNORED:
+            raise validate.unknown_key(key, [*_ROPE_SCALING_NAMES, *ROPE_SCALING_IGNORED],
+                                       "invalid model config: rope_scaling")
+    return {key: v for key, v in value.items() if key in _ROPE_SCALING_NAMES}
 
 
 _HF_NAMES = {
@@ -162,6 +218,23 @@ _HF_NAMES = {
     "num_nextn_predict_layers": "n_mtp_layers",
     "rms_norm_eps": "norm_eps",
 }
+_ROPE_SCALING_NAMES = {"factor": "rope_factor", "original_max_position_embeddings": "original_seq_len",
+                       "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
+
+# The Hugging Face config.json fields dsv4 knowingly ignores (every other unknown key is an error): bookkeeping of
+# the transformers library, settings implied by the architecture (one KV head, no attention bias, SiLU, untied
+# embeddings), inherited DeepSeek-V2/V3 fields V4 does not use, and quantisation metadata the checkpoint's tensor
+# dtypes already say (FP8 e4m3, 128x128 ue8m0 block scales).
+HF_IGNORED = frozenset({
+    "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version", "use_cache",
+    "initializer_range", "pad_token_id", "tie_word_embeddings", "attention_bias", "attention_dropout",
+    "hidden_act", "num_key_value_heads", "max_position_embeddings", "intermediate_size",
+    "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "first_k_dense_replace", "moe_layer_freq", "ep_size",
+    "n_group", "topk_group", "topk_method", "norm_topk_prob", "quantization_config",
+})
+# Keys of `rope_scaling` ignored: the scaling type (dsv4 always applies YaRN to compressed layers) and the mscale
+# factors (dsv4 applies no mscale, as the reference; see dsv4.model.rope_table).
+ROPE_SCALING_IGNORED = frozenset({"type", "rope_type", "mscale", "mscale_all_dim"})
 
 
 def _flash() -> ModelConfig:

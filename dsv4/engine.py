@@ -18,7 +18,9 @@ from typing import Callable
 
 import torch
 
+from dsv4 import validate
 from dsv4.cache import KVCache, Step
+from dsv4.diagnose import NonFiniteLogits, non_finite_error
 from dsv4.errors import DSV4Error
 from dsv4.model import Transformer
 
@@ -96,20 +98,24 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits, self.next_tokens = self._step()
+                self.logits, self.sampled = self._step()
         except RuntimeError as e:
             raise DSV4Error(f"the decode step cannot be captured as a CUDA graph ({str(e).splitlines()[0]}); "
                             f"a kernel of this op table synchronises with the host: run with --eager") from None
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [b, vocab], [2, b]: the sampled tokens and whether each row's logits are finite)."""
         e = self.engine
         step = Step(start=self.start, slots=self.slots, cache=e.cache, n_new=1,
                     block_table=e.cache.block_table[self.slots, :self.width])
         logits = e.model(self.tokens, step)[0][:, -1]
-        tokens = e.model.ops.sample(logits, self.temperature, self.top_p, e.seed, self.request, self.start + 1)
-        return logits, tokens
+        finite = torch.isfinite(logits).all(dim=-1)
+        tokens = e.model.ops.sample(torch.where(finite[:, None], logits, 0.0), self.temperature, self.top_p, e.seed,
+                                    self.request, self.start + 1)
+        return logits, torch.stack([tokens, finite.to(tokens.dtype)])
 
     def __call__(self, slots, tokens, start, requests) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay for these rows: ([2, n] sampled tokens and finiteness flags, logits [n, vocab])."""
         n = len(slots)
         pad = self.slots.shape[0] - n
         scratch = self.engine.cache.scratch_slot
@@ -121,12 +127,13 @@ class DecodeGraph:
         self.top_p.copy_(torch.tensor([r.top_p for r in requests] + [1.0] * pad))
         self.request.copy_(torch.tensor([r.request_id for r in requests] + [0] * pad, **as_long))
         self.graph.replay()
-        return self.next_tokens[:n], self.logits[:n]
+        return self.sampled[:, :n], self.logits[:n]
 
 
 class Engine:
     def __init__(self, model: Transformer, device: torch.device, seed: int = 0, max_batch: int | None = None,
                  prefill_chunk: int | None = None, cache_blocks: int | None = None, graphs: bool | None = None):
+        validate.engine_settings(seed, max_batch, prefill_chunk)
         self.model, self.device, self.seed = model, torch.device(device), seed
         self.config = model.config
         self.max_batch = max_batch or self.config.max_batch_size
@@ -141,18 +148,7 @@ class Engine:
         self._graph_pool = None
 
     def check(self, request: Request) -> None:
-        total = len(request.prompt) + request.max_new_tokens
-        if not request.prompt:
-            raise DSV4Error("empty prompt: at least one token is needed")
-        if total > self.config.max_seq_len:
-            raise DSV4Error(f"prompt of {len(request.prompt)} tokens plus {request.max_new_tokens} new tokens exceeds "
-                            f"the context length of {self.config.max_seq_len}")
-        if not 0 <= request.top_p <= 1 or request.temperature < 0:
-            raise DSV4Error(f"bad sampling settings: temperature {request.temperature} must be >= 0 and top_p "
-                            f"{request.top_p} in [0, 1]")
-        bad = [t for t in request.prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise DSV4Error(f"prompt token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
+        validate.request(self.config, request)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: list[int], slots: list[int],
@@ -176,13 +172,17 @@ class Engine:
         return torch.cat(outputs, dim=1) if all_logits else outputs[-1]
 
     def sample(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> list[int]:
+        """One token per row. Rows whose logits hold NaN or Inf raise NonFiniteLogits: their finiteness is read in
+        the same host transfer as the tokens (no extra synchronisation), and the sampler gets zeros in their place."""
         ops = self.model.ops
         dev = logits.device
-        tokens = ops.sample(logits.float(), torch.tensor([r.temperature for r in requests], device=dev),
+        finite = torch.isfinite(logits).all(dim=-1)
+        tokens = ops.sample(torch.where(finite[:, None], logits.float(), 0.0),
+                            torch.tensor([r.temperature for r in requests], device=dev),
                             torch.tensor([r.top_p for r in requests], device=dev), self.seed,
                             torch.tensor([r.request_id for r in requests], device=dev),
                             torch.tensor(positions, device=dev))
-        return tokens.tolist()
+        return _checked(torch.stack([tokens, finite.to(tokens.dtype)]))
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], start: list[int],
@@ -202,8 +202,8 @@ class Engine:
                 if self._graph_pool is None:
                     self._graph_pool = torch.cuda.graph_pool_handle()
                 graph = self._graphs[key] = DecodeGraph(self, *key, self._graph_pool)
-            next_tokens, logits = graph(slots, tokens, start, requests)
-            return next_tokens.tolist(), logits
+            sampled, logits = graph(slots, tokens, start, requests)
+            return _checked(sampled), logits
         pad = size - len(slots)
         scratch = [self.cache.scratch_slot] * pad
         logits = self.forward(torch.tensor(list(tokens) + [0] * pad)[:, None], list(start) + [0] * pad,
@@ -230,7 +230,10 @@ class Engine:
         first_tokens, first_logits = [], []
         for slot, i in enumerate(indices):
             logits = self.prefill(requests[i].prompt, slot, progress=progress)[:, -1]
-            first_tokens += self.sample(logits, [requests[i]], [len(requests[i].prompt)])
+            try:
+                first_tokens += self.sample(logits, [requests[i]], [len(requests[i].prompt)])
+            except NonFiniteLogits:
+                raise non_finite_error(self.model, self.device, requests[i].prompt, self.prefill_chunk) from None
             first_logits.append(logits[0])
             live[i] = slot
             self.timings.prefill_tokens += len(requests[i].prompt)
@@ -257,8 +260,13 @@ class Engine:
                 break
             order = list(live)
             start = [len(requests[i].prompt) + len(results[i].tokens) - 1 for i in order]
-            sampled, logits = self.decode([live[i] for i in order], [results[i].tokens[-1] for i in order], start,
-                                          [requests[i] for i in order])
+            try:
+                sampled, logits = self.decode([live[i] for i in order], [results[i].tokens[-1] for i in order],
+                                              start, [requests[i] for i in order])
+            except NonFiniteLogits as e:      # name the first layer that is not finite, on the sequence that showed it
+                i = order[e.row]
+                raise non_finite_error(self.model, self.device, requests[i].prompt + results[i].tokens,
+                                       self.prefill_chunk) from None
             self.timings.decode_tokens += len(order)
         self._sync()
         self.timings.decode_seconds += time.perf_counter() - t0
@@ -266,3 +274,11 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _checked(sampled: torch.Tensor) -> list[int]:
+    """[2, b] (tokens, finiteness flags) -> the tokens, in one host read; NonFiniteLogits names a row that is not."""
+    tokens, finite = sampled.tolist()
+    if not all(finite):
+        raise NonFiniteLogits(finite.index(0))
+    return tokens

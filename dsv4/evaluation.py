@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dsv4.cache import KVCache
+from dsv4.diagnose import non_finite_error
 from dsv4.model import Transformer
 
 HELD_OUT_EVERY = 20
@@ -97,6 +98,8 @@ def perplexity(model: Transformer, segs: Sequence[Sequence[int]], device: torch.
         logits = logits.float().cpu()
         for row, seg in enumerate(group):
             scored = logits[row, :len(seg) - 1]
+            if not bool(torch.isfinite(scored).all()):
+                raise non_finite_error(model, device, list(seg))
             targets = torch.tensor(seg[1:])
             log_probs = torch.log_softmax(scored.double(), dim=-1)
             nll_sum += -float(log_probs.gather(1, targets[:, None]).sum())

@@ -12,6 +12,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from dsv4 import validate
 from dsv4.errors import DSV4Error
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -37,11 +38,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
-        path = Path(path)
-        try:
-            return cls.from_str(path.read_text(encoding="utf-8"), source=str(path))
-        except FileNotFoundError:
-            raise DSV4Error(f"no tokenizer at {path}") from None
+        return cls.from_str(validate.read_text(path, "tokenizer"), source=str(path))
 
     @property
     def vocab_size(self) -> int:

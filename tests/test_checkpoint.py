@@ -12,12 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv4.checkpoint import (INDEX_FILE, TensorSpec, load_checkpoint, official_layout, random_weights,
-                             runtime_layout, write_checkpoint)
+from dsv4.checkpoint import (INDEX_FILE, TensorSpec, checkpoint_files, load_checkpoint, official_layout,
+                             random_weights, runtime_layout, write_checkpoint)
 from dsv4.config import preset
 from dsv4.errors import DSV4Error
 from dsv4.formats import (dequantize_fp8_weight, e8m0_to_float, float_to_e8m0, quantize_weight_fp8, to_e4m3,
                           unpack_fp4)
+from dsv4.manifest import MANIFEST_FILE, write_manifest
 
 from conftest import same_bits
 
@@ -247,6 +248,7 @@ def test_hf_named_checkpoint_loads_to_the_same_tensors(tmp_path, tiny_dir, tiny_
         save_file(tensors, hf / shard)
     index["weight_map"] = {_hf_name(k): v for k, v in index["weight_map"].items()}
     (hf / INDEX_FILE).write_text(json.dumps(index))
+    write_manifest(hf, checkpoint_files(hf))         # as for a download: its own manifest
     assert "model.layers.0.self_attn.wq_a.weight_scale_inv" in index["weight_map"]
 
     _, tensors, _ = load_checkpoint(hf)
@@ -257,6 +259,7 @@ def test_single_file_without_index_loads(tmp_path, tiny_loaded):
     config = preset("tiny")
     write_checkpoint(config, tmp_path, seed=1, shards=1)
     (tmp_path / INDEX_FILE).unlink()
+    write_manifest(tmp_path, checkpoint_files(tmp_path))
     _, tensors, _ = load_checkpoint(tmp_path)
     assert all(same_bits(tensors[name], t) for name, t in tiny_loaded[1].items())
 
@@ -276,12 +279,15 @@ def _shard_of(root: Path, name: str) -> str:
 
 @pytest.fixture
 def bad_dir(tmp_path, tiny_dir) -> Path:
-    return Path(shutil.copytree(tiny_dir, tmp_path / "ckpt"))
+    """A copy without its manifest, so that the loader's structural checks (not the checksums) see each edit."""
+    root = Path(shutil.copytree(tiny_dir, tmp_path / "ckpt"))
+    (root / MANIFEST_FILE).unlink()
+    return root
 
 
 def _load_error(root: Path) -> str:
     with pytest.raises(DSV4Error) as info:
-        load_checkpoint(root)
+        load_checkpoint(root, notice=lambda message: None)
     message = str(info.value)
     assert "\n" not in message
     return message

@@ -116,6 +116,7 @@ def test_checkpoint_with_a_missing_tensor_names_it(tiny_dir, tmp_path):
     tensors.pop("layers.0.attn.wkv.weight", None)
     save_file(tensors, shard)
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    (bad / "dsv4-manifest.json").unlink()     # a checkpoint from elsewhere: the structural check, not the checksum
     _one_line_error(dsv4("run", "--model", str(bad)), "layers.0.attn.wkv.weight", "missing")
 
 

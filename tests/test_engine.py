@@ -44,8 +44,11 @@ def test_generation_stops_at_max_tokens_or_eos(tiny):
 @pytest.mark.parametrize("request_, message", [
     (Request([], 4), "empty prompt"),
     (Request([1] * 500, 20), "exceeds the context length of 512"),
-    (Request([1, 999], 4), "outside the vocabulary"),
-    (Request([1], 4, temperature=-1.0), "bad sampling settings"),
+    (Request([1, 999], 4), "prompt token 1 is 999, not an id of the vocabulary"),
+    (Request([1], 4, temperature=-1.0), "temperature must be >= 0"),
+    (Request([1], 0), "max_new_tokens must be >= 1"),
+    (Request([1], -3), "max_new_tokens must be >= 1"),
+    (Request([1], 4, top_p=float("nan")), "top_p must be a finite number"),
 ])
 def test_bad_requests_are_refused_with_a_clear_error(tiny, request_, message):
     with pytest.raises(DSV4Error, match=message):

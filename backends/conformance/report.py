@@ -12,13 +12,16 @@ from pathlib import Path
 
 import torch
 
+from dsv4 import validate
 from dsv4.errors import DSV4Error
+
+CHECK_STATUSES = ("pass", "fail", "skip")
 
 
 @dataclass
 class Check:
     name: str           # "op/<case>/<kind>", "model/<preset>/<kind>" or "probe/<kind>"
-    status: str         # "pass", "fail" or "skip"
+    status: str         # one of CHECK_STATUSES: "pass", "fail" or "skip"
     detail: str = ""
     digest: str = ""    # of the outputs this check saw, so reports from two machines can be compared
     golden_key: str = ""   # the entry of the golden digests this check compares `digest` with ("" for none)
@@ -43,12 +46,17 @@ class Report:
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
+        """A report written by `dsv4 verify --report`, checked against this schema; errors name the field."""
         try:
-            data = json.loads(Path(path).read_text())
-            data["checks"] = [Check(**c) for c in data["checks"]]
-            return cls(**data)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise DSV4Error(f"{path} is not a dsv4 verify report: {e}") from None
+            data = json.loads(validate.read_text(path, "report"))
+        except json.JSONDecodeError as e:
+            raise DSV4Error(f"{path} is not a dsv4 verify report: not valid JSON: {e}") from None
+        report = validate.from_json(cls, data, f"report {path}")
+        for i, check in enumerate(report.checks):
+            if check.status not in CHECK_STATUSES:
+                raise DSV4Error(f"report {path}: field 'checks'[{i}]: status {check.status!r} is not one of "
+                                f"{', '.join(CHECK_STATUSES)}")
+        return report
 
     def table(self) -> str:
         lines = [f"dsv4 verify: backend {self.backend} on {self.device} at level {self.level} "
@@ -56,7 +64,7 @@ class Report:
         width = max((len(c.name) for c in self.checks), default=10)
         for c in self.checks:
             lines.append(f"  {c.status.upper():4}  {c.name:{width}}  {c.detail}")
-        counts = {s: sum(c.status == s for c in self.checks) for s in ("pass", "fail", "skip")}
+        counts = {s: sum(c.status == s for c in self.checks) for s in CHECK_STATUSES}
         lines.append(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped "
                      f"in {self.seconds:.1f}s: {'OK' if self.ok else 'FAILED'}")
         return "\n".join(lines)
