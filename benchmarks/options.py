@@ -9,7 +9,7 @@ import click
 from dsv4.backends.levels import Level
 from dsv4.errors import DSV4Error
 
-# The options `dsv4 bench ops` and `dsv4 bench layer` share, in --help order (then dsv4.cli's --quiet).
+# The options `dsv4 bench ops` and `dsv4 bench layer` share, in --help order (then dsv4.cli's --json and --quiet).
 SHARED = (
     click.option("--device", default="cuda", show_default=True),
     click.option("--preset", "preset_name", default="v4-flash", show_default=True,
@@ -19,7 +19,6 @@ SHARED = (
     click.option("--context", type=click.IntRange(min=1), default=8192, show_default=True,
                  help="Tokens each decoding sequence already holds."),
     click.option("--levels", default="fast,batch-invariant,exact", show_default=True),
-    click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here."),
 )
 
 

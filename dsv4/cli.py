@@ -464,7 +464,8 @@ def bench_group() -> None:
     """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""
 
 
-bench_options = options(*bench.SHARED, quiet_option)
+json_option = click.option("--json", "json_out", type=OUTPUT_FILE, default=None, help="Also write JSON here.")
+bench_options = options(*bench.SHARED, json_option, quiet_option)
 
 
 @bench_group.command("ops")
@@ -535,7 +536,7 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
 @click.option("--prefill", type=click.IntRange(min=0), default=4096, show_default=True,
               help="Prompt length of the prefill timing (0: none).")
 @click.option("--levels", default="fast,batch-invariant,exact", show_default=True)
-@click.option("--json", "json_out", type=OUTPUT_FILE, default=None, help="Also write JSON here.")
+@json_option
 @click.option("--plot", "plot_out", type=OUTPUT_FILE, default=None,
               help="Also draw time per output token against batch size per level here (SVG).")
 @quiet_option

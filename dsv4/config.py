@@ -124,7 +124,6 @@ class ModelConfig:
         need(self.dtype in ("fp8", "bf16"), f"dtype {self.dtype!r}: expected fp8 or bf16")
         need(self.scale_fmt == "ue8m0", f"scale_fmt {self.scale_fmt!r}: only ue8m0 (power-of-two scales) is supported")
         need(self.expert_dtype in ("fp4", "fp8"), f"expert_dtype {self.expert_dtype!r}: expected fp4 or fp8")
-        need(self.scale_fmt == "ue8m0", f"scale_fmt {self.scale_fmt!r}: expected ue8m0 (the only scale format dsv4 reads)")
 
     # -- (de)serialisation --------------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -222,8 +222,8 @@ def test_a_config_whose_activation_scales_are_not_ue8m0_is_refused():
     """scale_fmt (a config.json field of the release) says how activation scales are rounded; dsv4 implements only
     ue8m0 (powers of two), so a checkpoint asking for another format is refused rather than run with wrong scales."""
     assert preset("v4-flash").scale_fmt == "ue8m0"
-    with pytest.raises(DSV4Error, match="scale_fmt None: only ue8m0"):
-        dataclasses.replace(preset("tiny"), scale_fmt=None)
+    with pytest.raises(DSV4Error, match="scale_fmt 'e4m3': only ue8m0"):
+        dataclasses.replace(preset("tiny"), scale_fmt="e4m3")
 
 
 def _hf_name(name: str) -> str:
