@@ -42,6 +42,11 @@ _F32_EXPONENT = 0x7F800000
 _weights: WeakTensorKeyDictionary = WeakTensorKeyDictionary()   # weight -> (its version, fp32 values)
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter (inference tensors have none and cannot change outside inference mode)."""
+    return 0 if t.is_inference() else t._version
+
+
 def _held() -> int:
     return sum(values.nbytes for _, values in _weights.values())
 
@@ -49,8 +54,10 @@ def _held() -> int:
 def _fp32_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 values [..., N, K] of a bf16, FP8 (e4m3 + 128x128 scales) or packed FP4 (+ 1x32 scales) weight,
     cached while the weight is alive and unchanged."""
+    if scale is None and weight._base is not None and weight._base.is_contiguous() and weight.is_contiguous():
+        return _fp32_weight(weight._base).view(weight.shape)       # a reshaped weight (grouped wo_a): its base's
     cached = _weights.get(weight)
-    if cached is not None and cached[0] == weight._version:
+    if cached is not None and cached[0] == _version(weight):
         return cached[1]
     if scale is None:
         if weight.dtype == torch.float32:
@@ -63,7 +70,7 @@ def _fp32_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> tor
     else:
         values = formats.unpack_fp4(weight) * scale.float().repeat_interleave(FP4_BLOCK, -1)
     if _held() - (cached[1].nbytes if cached is not None else 0) + values.nbytes <= WEIGHT_CACHE_BUDGET:
-        _weights[weight] = (weight._version, values)
+        _weights[weight] = (_version(weight), values)
     return values
 
 
@@ -85,11 +92,14 @@ def _round_fp4(a: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_quant_fp32(x: torch.Tensor, fmt: str, block: int, floor: float) -> torch.Tensor:
-    """fp32 blocks [..., n/block, block] of x quantised to e4m3 / e2m1 with their scales and dequantised."""
+    """fp32 blocks [..., n/block, block] of x quantised to e4m3 / e2m1 with their scales and dequantised.
+
+    No clamp to +-448 before the e4m3 cast (formats.to_e4m3 has one): s >= fl(amax/448), so |x/s| is at most one
+    fp32 ulp above 448, which the cast rounds to 448 as the clamp would."""
     xb = x.float().unflatten(-1, (-1, block))
     if fmt == "fp8":
         s = _block_scale(xb, floor, FP8_MAX)
-        return (xb / s).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float().mul_(s)
+        return (xb / s).to(torch.float8_e4m3fn).float().mul_(s)
     if fmt == "fp4":
         s = _block_scale(xb, floor, FP4_MAX)
         return _round_fp4(xb / s).mul_(s)
@@ -104,10 +114,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """The last 2r dims as r complex numbers times e^(+-i angle)."""
     d, r = x.shape[-1], cos.shape[-1]
-    xf = x.float()
-    pairs = torch.view_as_complex(xf[..., d - 2 * r:].unflatten(-1, (r, 2)))
-    turn = torch.complex(cos.float(), -sin.float() if inverse else sin.float())
-    return torch.cat((xf[..., :d - 2 * r], torch.view_as_real(pairs * turn).flatten(-2)), -1).to(x.dtype)
+    out = x.to(torch.float32, copy=True)
+    torch.view_as_complex(out[..., d - 2 * r:].unflatten(-1, (r, 2))).mul_(
+        torch.complex(cos.float(), -sin.float() if inverse else sin.float()))
+    return out.to(x.dtype)
 
 
 _hadamards: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -132,6 +142,15 @@ def fake_quant(x: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
     return _fake_quant_fp32(x, fmt, block, floor).flatten(-2).to(x.dtype)
 
 
+def encode_rows(x: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bit for bit the canonical encoding; FP8 in fewer calls (as fake_quant), FP4 the canonical codes."""
+    if fmt != "fp8":
+        return canonical.encode_rows(x, fmt, block)
+    xb = x.float().unflatten(-1, (-1, block))
+    s = _block_scale(xb, formats.FP8_AMAX_FLOOR, FP8_MAX)
+    return (xb / s).to(torch.float8_e4m3fn).flatten(-2), s.squeeze(-1)
+
+
 # -- GEMMs --------------------------------------------------------------------------------------------------------
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     w = _fp32_weight(weight)
@@ -153,13 +172,12 @@ def grouped_quant_linear(x: torch.Tensor, counts: torch.Tensor, weight: torch.Te
                          scale: torch.Tensor) -> torch.Tensor:
     """One GEMM per expert that has rows."""
     w, xq = _fp32_weight(weight, scale), _quantised_activations(x)
-    y = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16)
-    start = 0
+    parts, start = [], 0
     for e, count in enumerate(counts.tolist()):
         if count:
-            y[start:start + count] = F.linear(xq[start:start + count], w[e])
+            parts.append(F.linear(xq[start:start + count], w[e]))
             start += count
-    return y
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.bfloat16)
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
@@ -189,7 +207,7 @@ def sparse_attention(q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, idx: t
     logits = (q.float() @ rows.transpose(-1, -2)).mul_(scale)                         # [b, s, H, K]
     logits = logits.masked_fill_((idx < 0)[:, :, None, :], -math.inf)
     logits = torch.cat((logits, sink.float().view(1, 1, heads, 1).expand(b, s, heads, 1)), -1)
-    p = torch.softmax(logits, -1)[..., :-1]
+    p = torch.softmax(logits, -1)[..., :-1].to(torch.bfloat16).float()               # bf16, as the contract's
     return (p @ rows).to(torch.bfloat16)
 
 
@@ -230,9 +248,17 @@ def _sinkhorn(comb: torch.Tensor, hc_eps: float, rounds: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32).view(comb.shape)
 
 
+_per_mix_scales: WeakTensorKeyDictionary = WeakTensorKeyDictionary()   # scale -> (its version, [(2+hc)*hc])
+
+
 def _per_mix(scale: torch.Tensor, hc: int) -> torch.Tensor:
-    """mhc_pre's three scales [3] spread over the (2+hc)*hc mixes: pre, post, then the hc*hc of comb."""
-    return torch.cat((scale[:2].repeat_interleave(hc), scale[2:].expand(hc * hc)))
+    """mhc_pre's three scales [3] spread over the (2+hc)*hc mixes: pre, post, then the hc*hc of comb (kept per
+    scale tensor while it is unchanged)."""
+    cached = _per_mix_scales.get(scale)
+    if cached is None or cached[0] != _version(scale):
+        cached = _per_mix_scales[scale] = (_version(scale), torch.cat((scale[:2].repeat_interleave(hc),
+                                                                      scale[2:].expand(hc * hc))))
+    return cached[1]
 
 
 def mhc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
@@ -295,7 +321,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
 
 
 KERNELS: dict[str, Callable] = {
-    "rms_norm": rms_norm, "rope": rope, "hadamard": hadamard, "fake_quant": fake_quant, "linear": linear,
+    "rms_norm": rms_norm, "rope": rope, "hadamard": hadamard, "fake_quant": fake_quant, "encode_rows": encode_rows,
+    "linear": linear,
     "quant_linear": quant_linear, "grouped_quant_linear": grouped_quant_linear, "compress_pool": compress_pool,
     "indexer_topk": indexer_topk, "sparse_attention": sparse_attention, "hca_attention": hca_attention,
     "mhc_pre": mhc_pre, "mhc_post": mhc_post, "mhc_head": mhc_head, "moe_gate": moe_gate, "swiglu": swiglu,
