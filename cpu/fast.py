@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 # fp32 copies of weights are kept (per weight tensor, while it lives and is unchanged) up to this many bytes in all;
 # beyond it a weight is dequantised on every call (same values, slower).
 WEIGHT_CACHE_BUDGET = 8 << 30
-# mHC's Sinkhorn rounds on at most this many [hc, hc] matrices run on Python floats: a torch call costs more than a
-# whole 4x4 normalisation in Python, and a decode step has one matrix per sequence.
-SCALAR_SINKHORN_ROWS = 4
+# mhc_pre's mappings (sigmoids, softmax, Sinkhorn) for at most this many tokens run on Python floats: a torch call
+# costs more than a whole 4x4 normalisation in Python, and a decode step has one token per sequence.
+SCALAR_MHC_ROWS = 4
 
 _F32_MANTISSA = 0x7FFFFF
 _F32_EXPONENT = 0x7F800000
@@ -226,26 +226,52 @@ def _hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return (pre.unsqueeze(-2) @ x.float()).squeeze(-2).to(torch.bfloat16)            # sum_j pre_j x_j
 
 
-def _sinkhorn(comb: torch.Tensor, hc_eps: float, rounds: int) -> torch.Tensor:
-    """`rounds` of (row, column) normalisation, each dividing by (sum + hc_eps), of comb [..., hc, hc]."""
-    if comb[..., 0, 0].numel() > SCALAR_SINKHORN_ROWS:
-        for _ in range(rounds):
-            comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-        return comb
-    hc = comb.shape[-1]
-    groups = [range(i * hc, (i + 1) * hc) for i in range(hc)] + [range(j, hc * hc, hc) for j in range(hc)]
+def _mappings(mixes: torch.Tensor, hc: int, hc_eps: float, iters: int) -> tuple[torch.Tensor, ...]:
+    """mhc_pre's (pre, post, comb) from its scaled and shifted mixes [..., (2+hc)*hc], as torch ops."""
+    pre = torch.sigmoid(mixes[..., :hc]) + hc_eps
+    post = torch.sigmoid(mixes[..., hc:2 * hc]) * 2.0
+    comb = torch.softmax(mixes[..., 2 * hc:].unflatten(-1, (hc, hc)), -1) + hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    return pre, post, comb
+
+
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else 1.0 - 1.0 / (1.0 + math.exp(v))
+
+
+def _scalar_mappings(mixes: torch.Tensor, hc: int, hc_eps: float, iters: int) -> tuple[torch.Tensor, ...]:
+    """_mappings on Python floats (float64), one token at a time."""
+    rows = [range(i * hc, (i + 1) * hc) for i in range(hc)]
+    cols = [range(j, hc * hc, hc) for j in range(hc)]
+
+    def normalise(c: list[float], groups: list[range]) -> None:
+        for group in groups:
+            total = hc_eps
+            for i in group:
+                total += c[i]
+            for i in group:
+                c[i] /= total
+
     out = []
-    for c in comb.reshape(-1, hc * hc).tolist():
-        for _ in range(rounds):
-            for group in groups:
-                total = hc_eps
-                for i in group:
-                    total += c[i]
-                for i in group:
-                    c[i] /= total
-        out.append(c)
-    return torch.tensor(out, dtype=torch.float32).view(comb.shape)
+    for m in mixes.reshape(-1, (2 + hc) * hc).tolist():
+        c = m[2 * hc:]
+        for group in rows:                                                  # row softmax, + hc_eps
+            top = max(c[i] for i in group)
+            for i in group:
+                c[i] = math.exp(c[i] - top)
+            total = sum(c[i] for i in group)
+            for i in group:
+                c[i] = c[i] / total + hc_eps
+        normalise(c, cols)
+        for _ in range(iters - 1):
+            normalise(c, rows)
+            normalise(c, cols)
+        out.append([_sigmoid(v) + hc_eps for v in m[:hc]] + [2.0 * _sigmoid(v) for v in m[hc:2 * hc]] + c)
+    values = torch.tensor(out, dtype=torch.float32).view(mixes.shape)
+    return values[..., :hc], values[..., hc:2 * hc], values[..., 2 * hc:].unflatten(-1, (hc, hc))
 
 
 _per_mix_scales: WeakTensorKeyDictionary = WeakTensorKeyDictionary()   # scale -> (its version, [(2+hc)*hc])
@@ -265,10 +291,8 @@ def mhc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
             hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     hc = x.shape[-2]
     mixes = _hc_mixes(x.flatten(-2).float(), fn, norm_eps) * _per_mix(scale, hc) + base
-    pre = torch.sigmoid(mixes[..., :hc]) + hc_eps
-    post = torch.sigmoid(mixes[..., hc:2 * hc]) * 2.0
-    comb = torch.softmax(mixes[..., 2 * hc:].unflatten(-1, (hc, hc)), -1) + hc_eps
-    comb = _sinkhorn(comb / (comb.sum(-2, keepdim=True) + hc_eps), hc_eps, iters - 1)
+    few = mixes[..., 0].numel() <= SCALAR_MHC_ROWS
+    pre, post, comb = (_scalar_mappings if few else _mappings)(mixes, hc, hc_eps, iters)
     return _hc_collapse(x, pre), post, comb
 
 

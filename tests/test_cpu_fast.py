@@ -17,8 +17,8 @@ from dsv4.backends.registry import default_registry
 from conftest import same_bits
 
 FAST_CASES = [name for name, case in OP_CASES.items() if case.op in fast.KERNELS]
-# Row seeds of a batch big enough for mHC's vectorised Sinkhorn as well as the scalar one.
-MANY_ROWS = [Seed.BATCH_FILLER + i for i in range(fast.SCALAR_SINKHORN_ROWS + 1)]
+# Row seeds of a batch big enough for mhc_pre's vectorised mappings as well as the scalar ones.
+MANY_ROWS = [Seed.BATCH_FILLER + i for i in range(fast.SCALAR_MHC_ROWS + 1)]
 
 
 def assert_keeps_contract(op: str, out, ref) -> None:
