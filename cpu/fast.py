@@ -37,8 +37,9 @@ WEIGHT_CACHE_BUDGET = 8 << 30
 # costs more than a whole 4x4 normalisation in Python, and a decode step has one token per sequence.
 SCALAR_MHC_ROWS = 4
 
-_F32_MANTISSA = 0x7FFFFF
-_F32_EXPONENT = 0x7F800000
+# fp32 bit masks as int32 tensors (an operand tensor costs less per call than a Python number)
+_F32_MANTISSA = torch.tensor(0x7FFFFF, dtype=torch.int32)
+_F32_EXPONENT = torch.tensor(0x7F800000, dtype=torch.int32)
 _weights: WeakTensorKeyDictionary = WeakTensorKeyDictionary()   # weight -> (its version, fp32 values)
 
 
@@ -74,20 +75,21 @@ def _fp32_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> tor
     return values
 
 
-def _pow2_ceil(r: torch.Tensor) -> torch.Tensor:
-    """2^ceil(log2(r)) for positive normal fp32 r: a nonzero mantissa carries into the exponent (formats.pow2_ceil)."""
-    return ((r.view(torch.int32) + _F32_MANTISSA) & _F32_EXPONENT).view(torch.float32)
+def _pow2_ceil_(r: torch.Tensor) -> torch.Tensor:
+    """2^ceil(log2(r)) for positive normal fp32 r, in place: a nonzero mantissa carries into the exponent
+    (formats.pow2_ceil)."""
+    return r.view(torch.int32).add_(_F32_MANTISSA).bitwise_and_(_F32_EXPONENT).view(torch.float32)
 
 
 def _block_scale(xb: torch.Tensor, floor: float, qmax: float) -> torch.Tensor:
     """The ue8m0 scale [..., nb, 1] of blocks xb [..., nb, block] (formats.block_scales)."""
-    return _pow2_ceil(xb.abs().amax(-1, keepdim=True).clamp_min_(floor).div_(qmax))
+    return _pow2_ceil_(xb.abs().amax(-1, keepdim=True).clamp_min_(floor).div_(qmax))
 
 
 def _round_fp4(a: torch.Tensor) -> torch.Tensor:
     """Round fp32 values within +-6 to the e2m1 grid, nearest-even: the grid step is 0.5 below 2, 1 below 4, 2 up to
     6, and round-half-even of a/step picks the even code (formats.fp4_codes)."""
-    step = (a.abs().view(torch.int32) & _F32_EXPONENT).view(torch.float32).clamp_(1.0, 4.0).mul_(0.5)
+    step = a.abs().view(torch.int32).bitwise_and_(_F32_EXPONENT).view(torch.float32).clamp_(1.0, 4.0).mul_(0.5)
     return torch.round(a / step).mul_(step)
 
 
