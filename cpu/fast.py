@@ -7,9 +7,9 @@ weights dequantised once (fp32, kept while the weight lives), torch's fused redu
 dense softmax over each query's index list. Their sums are in BLAS's order, not the contract's: each declares `fast`
 and is checked against the CPU reference within its contract's tolerance (tests/test_cpu_fast.py,
 `dsv4 verify --backend cpu --level fast`). The ops whose contract has no tolerance keep the contract's arithmetic:
-`fake_quant` here is exact (bit for bit the canonical one), `indexer_topk` scores its keys with a GEMM whose dot
-products of FP4-grid values are exact in fp32 in any order whenever their block scales span less than the fp32
-mantissa, and `sample` is the canonical sampler with a greedy shortcut.
+`fake_quant` and `encode_rows` here are bit for bit the canonical ones, `indexer_topk` scores its keys with a GEMM
+whose dot products of FP4-grid values are exact in fp32 in any order whenever their block scales span less than the
+fp32 mantissa, and `sample` is the canonical sampler with a greedy shortcut.
 """
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ def _held() -> int:
 def _fp32_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 values [..., N, K] of a bf16, FP8 (e4m3 + 128x128 scales) or packed FP4 (+ 1x32 scales) weight,
     cached while the weight is alive and unchanged."""
-    if scale is None and weight._base is not None and weight._base.is_contiguous() and weight.is_contiguous():
-        return _fp32_weight(weight._base).view(weight.shape)       # a reshaped weight (grouped wo_a): its base's
+    base = weight._base
+    if scale is None and base is not None and weight.is_contiguous() and base.is_contiguous() \
+            and weight.data_ptr() == base.data_ptr() and weight.numel() == base.numel():
+        return _fp32_weight(base).view(weight.shape)      # a reshaped weight (the grouped wo_a): cached as its base
     cached = _weights.get(weight)
     if cached is not None and cached[0] == _version(weight):
         return cached[1]
@@ -333,7 +335,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float, route_weight: torch.T
 
 
 def moe_combine(expert_out: torch.Tensor, order: torch.Tensor, k: int, shared: torch.Tensor) -> torch.Tensor:
-    y = shared.float().index_add_(0, order // k, expert_out.float())
+    y = shared.to(torch.float32, copy=True).index_add_(0, order // k, expert_out.float())
     return y.to(torch.bfloat16)
 
 
@@ -348,8 +350,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
 
 KERNELS: dict[str, Callable] = {
     "rms_norm": rms_norm, "rope": rope, "hadamard": hadamard, "fake_quant": fake_quant, "encode_rows": encode_rows,
-    "linear": linear,
-    "quant_linear": quant_linear, "grouped_quant_linear": grouped_quant_linear, "compress_pool": compress_pool,
+    "linear": linear, "quant_linear": quant_linear, "grouped_quant_linear": grouped_quant_linear,
+    "compress_pool": compress_pool,
     "indexer_topk": indexer_topk, "sparse_attention": sparse_attention, "hca_attention": hca_attention,
     "mhc_pre": mhc_pre, "mhc_post": mhc_post, "mhc_head": mhc_head, "moe_gate": moe_gate, "swiglu": swiglu,
     "moe_combine": moe_combine, "sample": sample,

@@ -96,3 +96,12 @@ def test_fast_kernels_serve_only_the_fast_level():
     assert {op for op, k in table.kernels.items() if k.name == "torch_fast"} == set(fast.KERNELS)
     for level in (Level.DETERMINISTIC, Level.BATCH_INVARIANT, Level.EXACT):
         assert {k.name for k in registry.resolve("cpu", level).kernels.values()} == {"canonical"}
+
+
+def test_a_reshaped_or_sliced_weight_gives_its_own_values():
+    base = torch.randn(2 * 64, 128, generator=torch.Generator().manual_seed(5)).bfloat16()
+    x = torch.randn(3, 2, 128, generator=torch.Generator().manual_seed(6)).bfloat16()
+    grouped = base.view(2, 64, 128)                  # as the model's grouped wo_a: cached under its base
+    assert_keeps_contract("linear", fast.linear(x, grouped), canonical.linear(x, grouped))
+    for part in (grouped[1], base[64:]):              # views of part of a weight
+        assert_keeps_contract("linear", fast.linear(x[:, 0], part), canonical.linear(x[:, 0], part))
