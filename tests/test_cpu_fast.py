@@ -7,6 +7,7 @@ import torch
 
 from dsv4 import formats
 from dsv4.backends.canonical import ops as canonical
+from dsv4.backends.conformance import verify
 from dsv4.backends.conformance.inputs import OP_CASES, Seed
 from dsv4.backends.conformance.report import within
 from dsv4.backends.contracts import CONTRACTS, FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK
@@ -105,3 +106,10 @@ def test_a_reshaped_or_sliced_weight_gives_its_own_values():
     assert_keeps_contract("linear", fast.linear(x, grouped), canonical.linear(x, grouped))
     for part in (grouped[1], base[64:]):              # views of part of a weight
         assert_keeps_contract("linear", fast.linear(x[:, 0], part), canonical.linear(x[:, 0], part))
+
+
+def test_verify_of_the_cpu_backend_at_fast_passes():
+    """`dsv4 verify --backend cpu --level fast`: every op case and the tiny preset's logits against the reference."""
+    report = verify("cpu", "cpu", Level.FAST)
+    assert report.ok, [f"{c.name}: {c.detail}" for c in report.checks if c.status == "fail"]
+    assert all(report.kernels[op].startswith("cpu:torch_fast") for op in fast.KERNELS)
