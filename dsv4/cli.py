@@ -201,12 +201,15 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
               "(same bits).")
+@click.option("--speculate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Draft up to N tokens a step with the MTP block and verify them in one step: the same tokens "
+                   "at batch-invariant and exact, faster (docs/speculative.md).")
 @VERIFY
 @quiet_option
 @parallel_options
 @friendly_errors
 def run(model, preset, device, determinism, ops_config, op_overrides, prompts, prompt_ids, max_new_tokens,
-        temperature, top_p, seed, prefill_chunk, logits_out, eager, verify, quiet, nproc, dist_timeout):
+        temperature, top_p, seed, prefill_chunk, logits_out, eager, speculate, verify, quiet, nproc, dist_timeout):
     """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded.
 
     One prompt streams its completion; several prompts decode together as one batch and print in order."""
@@ -227,19 +230,21 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
         # A request's sampling key is its prompt's content: the same tokens wherever it sits in a batch.
         requests.append(Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids)))
         validate.request(config, requests[-1])
+    validate.speculate(config, speculate, nproc > 1)
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in given]
     overrides = collect_overrides(op_overrides, ops_config)
     if ranks_launched(nproc, lambda: config.n_routed_experts):
         return
     settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
                 "prompts": list(given), "max_new_tokens": max_new_tokens, "temperature": temperature,
-                "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk}
+                "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk, "speculate": speculate}
     with join(device.split(":")[0], settings, dist_timeout) as group, rank_zero_speaks(group), \
             Progress(enabled=not quiet) as progress:
         device = group.place(device) if group else device
         pipe = load(model, preset, device, determinism, overrides, progress=progress.loading, group=group,
                     verify=verify, notice=say_note)
-        engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk, graphs=not eager)
+        engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk, graphs=not eager,
+                             speculate=speculate)
         decoder = IncrementalDecoder(pipe.tokenizer)
         streaming = len(requests) == 1
         if streaming:
@@ -268,9 +273,12 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
             save_file({f"prompt{i}": torch.stack(r.logits) for i, r in enumerate(results)}, logits_out)
         t = engine.timings
         ranks = f", {group.size} expert-parallel ranks" if group else ""
+        drafts = engine.speculator.stats if engine.speculator else None
+        speculated = (f", {100 * drafts.acceptance_rate:.0f}% of drafts accepted, {drafts.tokens_per_step:.2f} "
+                      f"tokens per verification step" if drafts else "")
         click.echo(f"[{pipe.model.ops.backend}/{device}, {determinism}{ranks}] prefill {t.prefill_tokens} tokens at "
-                   f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s",
-                   err=True)
+                   f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s"
+                   f"{speculated}", err=True)
 
 
 @main.command()

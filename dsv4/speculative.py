@@ -151,13 +151,13 @@ class Speculator:
         drafts: list[torch.Tensor] = []                                    # [b] each, on the device
         if k:
             logits, h = self._catch_up(order, seqs, last, slots, unread, mtp_from)
-            drafts.append(e.draw(logits, reqs, [p + 1 for p in last])[0])
+            drafts.append(self.draft_tokens(logits, reqs, [p + 1 for p in last]))
         if k > 1:
             undo = Rollback(e.cache, self.mtp_layers, slot_t, last_t, k - 1)
             for j in range(1, k):                                          # d_p+j+1 from MTP position p+j-1
                 step = e.cache.step([p + j - 1 for p in last], slots, 1)
                 logits, h = e.model.mtp_forward(h, drafts[-1][:, None], step)
-                drafts.append(e.draw(logits[:, -1], reqs, [p + j + 1 for p in last])[0])
+                drafts.append(self.draft_tokens(logits[:, -1], reqs, [p + j + 1 for p in last]))
             undo.keep(torch.zeros_like(last_t))
 
         tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None]] +
@@ -167,7 +167,8 @@ class Speculator:
         drawn = e.draw(logits.flatten(0, 1), [r for r in reqs for _ in range(k + 1)],
                        [p + 1 + j for p in last for j in range(k + 1)]).view(2, len(order), k + 1)
         accepted = (drawn[0, :, :k] == tokens[:, 1:]).long().cumprod(dim=1).sum(dim=1)
-        undo.keep(accepted + 1)
+        undo.keep(self._kept(drawn[0], accepted, [requests[i].max_new_tokens - len(results[i].tokens)
+                                                  for i in order]))
         chosen, finite, accepted_list = drawn[0].tolist(), drawn[1].tolist(), accepted.tolist()
 
         self.stats.steps += len(order)
@@ -186,6 +187,17 @@ class Speculator:
                 unread[i], mtp_from[i] = kept, last[b]
             else:
                 unread[i] = torch.cat([unread[i], kept])
+
+    def draft_tokens(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> torch.Tensor:
+        """The drafts [b] from MTP logits [b, vocab]: drawn as the main model draws at those positions."""
+        return self.engine.draw(logits, requests, positions)[0]
+
+    def _kept(self, chosen: torch.Tensor, accepted: torch.Tensor, left: list[int]) -> torch.Tensor:
+        """Positions of the verification step that stay in the cache: the current token and the accepted drafts,
+        and none past the sequence's last token (EOS or its max_new_tokens), as plain decoding never reads it."""
+        j = torch.arange(chosen.shape[1], device=chosen.device)
+        eos = torch.where(chosen == self.engine.config.eos_token_id, j, chosen.shape[1]).min(dim=1).values
+        return torch.minimum(torch.minimum(accepted, eos) + 1, torch.tensor(left, device=chosen.device))
 
     def _catch_up(self, order: list[int], seqs: list[list[int]], last: list[int], slots: list[int],
                   unread: dict[int, torch.Tensor],
