@@ -568,6 +568,45 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
             f.write(model_decode_svg(result))
 
 
+@bench_group.command("speculate")
+@model_option
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--levels", default="fast,deterministic,batch-invariant,exact", show_default=True)
+@click.option("--batches", default="1,4,16", show_default=True, help="Decode batch sizes.")
+@click.option("--speculate", "drafts", default="1,2,3", show_default=True,
+              help="Draft counts N, each compared with plain decoding.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens of held-out code per prompt.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@json_option
+@quiet_option
+@friendly_errors
+def bench_speculate(model, device, levels, batches, drafts, prompt_tokens, new_tokens, temperature, json_out, quiet):
+    """Speculative decoding with the MTP block on held-out standard-library code: drafts accepted, tokens per
+    verification step and decode speed-up over plain decoding per level and batch, and whether the tokens are
+    plain decoding's."""
+    import torch
+
+    from dsv4.api import checkpoint_config
+    from dsv4.benchmarks import speculate
+    from dsv4.engine import Request
+
+    config = checkpoint_config(model)
+    counts = bench.parse_sizes(drafts, "--speculate")
+    sizes = bench.parse_sizes(batches, "--batches")
+    if not counts or not sizes:
+        raise DSV4Error("--speculate and --batches each need at least one positive integer")
+    for n in counts:
+        validate.speculate(config, n)
+    validate.request(config, Request([config.bos_token_id] * (prompt_tokens + 1), new_tokens, temperature))
+    validate.device_present(torch.device(device))
+    result = speculate.run(model, device, bench.parse_levels(levels), sizes, counts, prompt_tokens, new_tokens,
+                           temperature, progress=bench.say(quiet))
+    click.echo(speculate.table(result))
+    bench.write_json(result, json_out)
+
+
 @bench_group.command("moe")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or npu.")
 @click.option("--preset", "preset_name", default="v4-flash", show_default=True,
