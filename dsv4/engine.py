@@ -27,7 +27,7 @@ from dsv4.cache import KVCache, Step
 from dsv4.diagnose import NonFiniteLogits, non_finite_error
 from dsv4.errors import DSV4Error
 from dsv4.model import Transformer
-from dsv4.speculative import Speculator
+from dsv4.speculative import Emit, Speculator
 
 
 @dataclass
@@ -277,7 +277,7 @@ class Engine:
 
     def _decode_plain(self, indices: list[int], live: dict[int, int], first_tokens: list[int],
                       first_logits: list[torch.Tensor], requests: list[Request], results: list[Result],
-                      emit: Callable[[int, int, torch.Tensor], bool], progress: ProgressCallback | None) -> None:
+                      emit: Emit, progress: ProgressCallback | None) -> None:
         """One token per live request and step until every request is done."""
         order = list(live)
         sampled, logits = first_tokens, torch.stack(first_logits)

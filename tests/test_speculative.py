@@ -141,3 +141,16 @@ def test_speculation_on_the_gpu_gives_the_bits_of_plain_decoding(level, short_bl
         oracle = Engine(pipe.model, "cuda", max_batch=3, speculate=drafts)
         oracle.speculator.draft_tokens = _oracle(plain, _requests(), lambda p: p % 3 != 1)
         assert _same(oracle.generate(_requests(), record_logits=True), plain)
+
+
+def test_the_benchmark_reports_acceptance_and_speed_up_against_plain_decoding(tiny_dir):
+    from dsv4.backends.levels import Level
+    from dsv4.benchmarks import speculate
+
+    result = speculate.run(str(tiny_dir), "cpu", (Level.EXACT,), (1, 2), (1,), prompt_tokens=12, new_tokens=5,
+                           temperature=0.0)
+    rows = result["rows"]
+    assert [(r["batch"], r["drafts"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(r["identical"] for r in rows) and all(r["decode_tokens"] == 4 * r["batch"] for r in rows)
+    assert all(r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 for r in rows if not r["drafts"])
+    assert "speed-up" in speculate.table(result)
