@@ -527,8 +527,7 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
     if plot_out:
         from dsv4.benchmarks.plot import layer_decode_svg
 
-        with open(plot_out, "w") as f:
-            f.write(layer_decode_svg(result))
+        bench.write_text(layer_decode_svg(result), plot_out)
 
 
 @bench_group.command("model")
@@ -564,8 +563,7 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
     if plot_out:
         from dsv4.benchmarks.plot import model_decode_svg
 
-        with open(plot_out, "w") as f:
-            f.write(model_decode_svg(result))
+        bench.write_text(model_decode_svg(result), plot_out)
 
 
 @bench_group.command("speculate")
