@@ -577,10 +577,13 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
               help="Tokens of held-out code per prompt.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs of each setting, interleaved; the best decode speed counts.")
 @json_option
 @quiet_option
 @friendly_errors
-def bench_speculate(model, device, levels, batches, drafts, prompt_tokens, new_tokens, temperature, json_out, quiet):
+def bench_speculate(model, device, levels, batches, drafts, prompt_tokens, new_tokens, temperature, repeats, json_out,
+                    quiet):
     """Speculative decoding with the MTP block on held-out standard-library code: drafts accepted, tokens per
     verification step and decode speed-up over plain decoding per level and batch, and whether the tokens are
     plain decoding's."""
@@ -600,7 +603,7 @@ def bench_speculate(model, device, levels, batches, drafts, prompt_tokens, new_t
     validate.request(config, Request([config.bos_token_id] * (prompt_tokens + 1), new_tokens, temperature))
     validate.device_present(torch.device(device))
     result = speculate.run(model, device, bench.parse_levels(levels), sizes, counts, prompt_tokens, new_tokens,
-                           temperature, progress=bench.say(quiet))
+                           temperature, repeats, progress=bench.say(quiet))
     click.echo(speculate.table(result))
     bench.write_json(result, json_out)
 
