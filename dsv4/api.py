@@ -113,16 +113,18 @@ class Pipeline:
         return self.model.config
 
     def engine(self, seed: int = 0, max_batch: int | None = None, prefill_chunk: int | None = None,
-               graphs: bool | None = None) -> Engine:
-        """An engine over this model; `graphs=False` keeps a GPU's decode steps eager (default: CUDA graphs)."""
+               graphs: bool | None = None, speculate: int = 0) -> Engine:
+        """An engine over this model; `graphs=False` keeps a GPU's decode steps eager (default: CUDA graphs);
+        `speculate=N` drafts up to N tokens a step with the MTP block (dsv4.speculative)."""
         return Engine(self.model, self.device, seed=seed, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                      graphs=graphs)
+                      graphs=graphs, speculate=speculate)
 
     def complete(self, prompt: str | Sequence[int], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0) -> str:
+                 top_p: float = 1.0, seed: int = 0, speculate: int = 0) -> str:
         """The completion of `prompt`: text, or a list of token ids (see `prompt_tokens`)."""
         ids = prompt_tokens(prompt, self.tokenizer, self.config)
-        result = self.engine(seed=seed).generate([Request(ids, max_new_tokens, temperature, top_p)])[0]
+        engine = self.engine(seed=seed, speculate=speculate)
+        result = engine.generate([Request(ids, max_new_tokens, temperature, top_p)])[0]
         tokens = [t for t in result.tokens if t != self.config.eos_token_id]
         return self.tokenizer.decode(tokens)
 

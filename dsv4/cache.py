@@ -125,6 +125,7 @@ class CompressorState:
     kv: torch.Tensor        # [slots + 1, (1+overlap)*ratio, width] fp32: rows of the previous block, then the current
     score: torch.Tensor     # same shape; scores with the position bias added, -inf where nothing was written
     entries: PagedRows      # where completed entries are stored
+    journal: list[tuple[torch.Tensor, torch.Tensor]] | None = None   # while speculating: each step's fed (kv, score)
 
     @classmethod
     def empty(cls, slots: int, ratio: int, head_dim: int, entries: PagedRows,

@@ -201,6 +201,9 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
               "(same bits).")
+@click.option("--speculate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Draft up to N tokens a step with the MTP block and verify them in one step: the same tokens "
+                   "at batch-invariant and exact, faster (docs/speculative.md).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads of torch's CPU kernels. Default on CPU: 1 (the default model's ops are too small to "
               "gain from splitting; docs/cpu.md); elsewhere torch's own choice.")
@@ -209,7 +212,8 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
 @parallel_options
 @friendly_errors
 def run(model, preset, device, determinism, ops_config, op_overrides, prompts, prompt_ids, max_new_tokens,
-        temperature, top_p, seed, prefill_chunk, logits_out, eager, threads, verify, quiet, nproc, dist_timeout):
+        temperature, top_p, seed, prefill_chunk, logits_out, eager, speculate, threads, verify, quiet, nproc,
+        dist_timeout):
     """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded.
 
     One prompt streams its completion; several prompts decode together as one batch and print in order."""
@@ -230,6 +234,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
         # A request's sampling key is its prompt's content: the same tokens wherever it sits in a batch.
         requests.append(Request(ids, max_new_tokens, temperature, top_p, request_id=prompt_key(ids)))
         validate.request(config, requests[-1])
+    validate.speculate(config, speculate, nproc > 1)
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in given]
     overrides = collect_overrides(op_overrides, ops_config)
     if ranks_launched(nproc, lambda: config.n_routed_experts):
@@ -240,13 +245,14 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
         torch.set_num_threads(threads or 1)
     settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
                 "prompts": list(given), "max_new_tokens": max_new_tokens, "temperature": temperature,
-                "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk}
+                "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk, "speculate": speculate}
     with join(device.split(":")[0], settings, dist_timeout) as group, rank_zero_speaks(group), \
             Progress(enabled=not quiet) as progress:
         device = group.place(device) if group else device
         pipe = load(model, preset, device, determinism, overrides, progress=progress.loading, group=group,
                     verify=verify, notice=say_note)
-        engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk, graphs=not eager)
+        engine = pipe.engine(seed=seed, max_batch=len(requests), prefill_chunk=prefill_chunk, graphs=not eager,
+                             speculate=speculate)
         decoder = IncrementalDecoder(pipe.tokenizer)
         streaming = len(requests) == 1
         if streaming:
@@ -275,9 +281,12 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
             save_file({f"prompt{i}": torch.stack(r.logits) for i, r in enumerate(results)}, logits_out)
         t = engine.timings
         ranks = f", {group.size} expert-parallel ranks" if group else ""
+        drafts = engine.speculator.stats if engine.speculator else None
+        speculated = (f", {100 * drafts.acceptance_rate:.0f}% of drafts accepted, {drafts.tokens_per_step:.2f} "
+                      f"tokens per verification step" if drafts else "")
         click.echo(f"[{pipe.model.ops.backend}/{device}, {determinism}{ranks}] prefill {t.prefill_tokens} tokens at "
-                   f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s",
-                   err=True)
+                   f"{t.prefill_tps:.1f} tok/s, decode {t.decode_tokens} tokens at {t.decode_tps:.1f} tok/s"
+                   f"{speculated}", err=True)
 
 
 @main.command()
@@ -563,6 +572,48 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
         from dsv4.benchmarks.plot import model_decode_svg
 
         bench.write_text(model_decode_svg(result), plot_out)
+
+
+@bench_group.command("speculate")
+@model_option
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--levels", default="fast,deterministic,batch-invariant,exact", show_default=True)
+@click.option("--batches", default="1,4,16", show_default=True, help="Decode batch sizes.")
+@click.option("--speculate", "drafts", default="1,2,3", show_default=True,
+              help="Draft counts N, each compared with plain decoding.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens of held-out code per prompt.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs of each setting, interleaved; the best decode speed counts.")
+@json_option
+@quiet_option
+@friendly_errors
+def bench_speculate(model, device, levels, batches, drafts, prompt_tokens, new_tokens, temperature, repeats, json_out,
+                    quiet):
+    """Speculative decoding with the MTP block on held-out standard-library code: drafts accepted, tokens per
+    verification step and decode speed-up over plain decoding per level and batch, and whether the tokens are
+    plain decoding's."""
+    import torch
+
+    from dsv4.api import checkpoint_config
+    from dsv4.benchmarks import speculate
+    from dsv4.engine import Request
+
+    config = checkpoint_config(model)
+    counts = bench.parse_sizes(drafts, "--speculate")
+    sizes = bench.parse_sizes(batches, "--batches")
+    if not counts or not sizes:
+        raise DSV4Error("--speculate and --batches each need at least one positive integer")
+    for n in counts:
+        validate.speculate(config, n)
+    validate.request(config, Request([config.bos_token_id] * (prompt_tokens + 1), new_tokens, temperature))
+    validate.device_present(torch.device(device))
+    result = speculate.run(model, device, bench.parse_levels(levels), sizes, counts, prompt_tokens, new_tokens,
+                           temperature, repeats, progress=bench.say(quiet))
+    click.echo(speculate.table(result))
+    bench.write_json(result, json_out)
 
 
 @bench_group.command("moe")

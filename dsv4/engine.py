@@ -8,9 +8,13 @@ On a GPU a decode step runs as a CUDA graph: the batch is padded to a bucket siz
 cache's scratch slot), and each bucket's whole step (every layer, the head and sampling) is captured once and
 replayed. Eager execution (`graphs=False`) pads the same way, so replay and eager give the same bits at every
 level. On the CPU, steps run eagerly at their own size.
+
+With `speculate=N` the MTP block drafts up to N tokens per sequence and one main-model step verifies them
+(dsv4.speculative); the tokens are those of plain decoding wherever verification is bit-identical to it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from dsv4.cache import KVCache, Step
 from dsv4.diagnose import NonFiniteLogits, non_finite_error
 from dsv4.errors import DSV4Error
 from dsv4.model import Transformer
+from dsv4.speculative import Emit, Speculator
 
 
 @dataclass
@@ -132,8 +137,10 @@ class DecodeGraph:
 
 class Engine:
     def __init__(self, model: Transformer, device: torch.device, seed: int = 0, max_batch: int | None = None,
-                 prefill_chunk: int | None = None, cache_blocks: int | None = None, graphs: bool | None = None):
+                 prefill_chunk: int | None = None, cache_blocks: int | None = None, graphs: bool | None = None,
+                 speculate: int = 0):
         validate.engine_settings(seed, max_batch, prefill_chunk)
+        validate.speculate(model.config, speculate, any(getattr(b.ffn, "group", None) for b in model.layers))
         self.model, self.device, self.seed = model, torch.device(device), seed
         self.config = model.config
         self.max_batch = max_batch or self.config.max_batch_size
@@ -146,34 +153,52 @@ class Engine:
         self.graphs = on_gpu if graphs is None else graphs and on_gpu
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
         self._graph_pool = None
+        self.speculator = Speculator(self, speculate) if speculate else None
 
     def check(self, request: Request) -> None:
         validate.request(self.config, request)
 
     @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, start: list[int], slots: list[int],
+             all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One eager model step: tokens [b, s] at per-sequence start positions in cache slots `slots`; (logits,
+        final streams [b, s, hc, d])."""
+        step = self.cache.step(start, slots, tokens.shape[1])
+        return self.model(tokens.to(self.device), step, all_logits=all_logits)
+
     def forward(self, tokens: torch.Tensor, start: list[int], slots: list[int],
                 all_logits: bool = False) -> torch.Tensor:
-        """One eager model step: tokens [b, s] at per-sequence start positions in cache slots `slots`."""
-        step = self.cache.step(start, slots, tokens.shape[1])
-        logits, _ = self.model(tokens.to(self.device), step, all_logits=all_logits)
-        return logits
+        """One eager model step's logits (see `step`)."""
+        return self.step(tokens, start, slots, all_logits)[0]
 
     def prefill(self, prompt: list[int], slot: int, all_logits: bool = False,
                 progress: ProgressCallback | None = None) -> torch.Tensor:
         """Reset `slot` and run the prompt through it, in chunks of `prefill_chunk` tokens if set."""
+        return self.prefill_streams(prompt, slot, all_logits, progress)[0]
+
+    def prefill_streams(self, prompt: list[int], slot: int, all_logits: bool = False,
+                        progress: ProgressCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prefill`, with the final streams of every prompt position [1, len, hc, d] (what the MTP block reads)."""
         self.cache.reset(slot)
         chunk = self.prefill_chunk or len(prompt)
-        outputs = []
+        outputs, streams = [], []
         for begin in range(0, len(prompt), chunk):
             piece = torch.tensor([prompt[begin:begin + chunk]])
-            outputs.append(self.forward(piece, [begin], [slot], all_logits=all_logits))
+            logits, h = self.step(piece, [begin], [slot], all_logits=all_logits)
+            outputs.append(logits)
+            streams.append(h)
             if progress:
                 progress("prefill", min(begin + chunk, len(prompt)), len(prompt))
-        return torch.cat(outputs, dim=1) if all_logits else outputs[-1]
+        return torch.cat(outputs, dim=1) if all_logits else outputs[-1], torch.cat(streams, dim=1)
 
     def sample(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> list[int]:
         """One token per row. Rows whose logits hold NaN or Inf raise NonFiniteLogits: their finiteness is read in
         the same host transfer as the tokens (no extra synchronisation), and the sampler gets zeros in their place."""
+        return _checked(self.draw(logits, requests, positions))
+
+    def draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> torch.Tensor:
+        """[2, rows]: the token sampled from each row of logits for its request at its position (zeros in place of
+        non-finite logits), and whether the row was finite; on the device, nothing read yet."""
         ops = self.model.ops
         dev = logits.device
         finite = torch.isfinite(logits).all(dim=-1)
@@ -182,7 +207,7 @@ class Engine:
                             torch.tensor([r.top_p for r in requests], device=dev), self.seed,
                             torch.tensor([r.request_id for r in requests], device=dev),
                             torch.tensor(positions, device=dev))
-        return _checked(torch.stack([tokens, finite.to(tokens.dtype)]))
+        return torch.stack([tokens, finite.to(tokens.dtype)])
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], start: list[int],
@@ -224,12 +249,13 @@ class Engine:
     def _generate_batch(self, indices: list[int], requests: list[Request], results: list[Result],
                         on_token: TokenCallback | None, record_logits: bool,
                         progress: ProgressCallback | None) -> None:
-        eos = self.config.eos_token_id
         live: dict[int, int] = {}            # request index -> cache slot
+        streams: dict[int, torch.Tensor] = {}   # request index -> its prompt's final streams (for the MTP block)
         t0 = time.perf_counter()
         first_tokens, first_logits = [], []
         for slot, i in enumerate(indices):
-            logits = self.prefill(requests[i].prompt, slot, progress=progress)[:, -1]
+            logits, streams[i] = self.prefill_streams(requests[i].prompt, slot, progress=progress)
+            logits = logits[:, -1]
             try:
                 first_tokens += self.sample(logits, [requests[i]], [len(requests[i].prompt)])
             except NonFiniteLogits:
@@ -241,18 +267,23 @@ class Engine:
         self.timings.prefill_seconds += time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        emit = functools.partial(self._emit, requests, results, live, on_token, record_logits)
+        if self.speculator:
+            self.speculator.decode(live, first_tokens, first_logits, streams, requests, results, emit, progress)
+        else:
+            self._decode_plain(indices, live, first_tokens, first_logits, requests, results, emit, progress)
+        self._sync()
+        self.timings.decode_seconds += time.perf_counter() - t0
+
+    def _decode_plain(self, indices: list[int], live: dict[int, int], first_tokens: list[int],
+                      first_logits: list[torch.Tensor], requests: list[Request], results: list[Result],
+                      emit: Emit, progress: ProgressCallback | None) -> None:
+        """One token per live request and step until every request is done."""
         order = list(live)
         sampled, logits = first_tokens, torch.stack(first_logits)
         while True:
             for i, token, row in zip(order, sampled, logits):
-                results[i].tokens.append(token)
-                if record_logits:
-                    results[i].logits.append(row.cpu())
-                if on_token:
-                    on_token(i, token)
-                if token == eos or len(results[i].tokens) >= requests[i].max_new_tokens:
-                    results[i].finish_reason = "eos" if token == eos else "length"
-                    del live[i]
+                emit(i, token, row)
             if progress:
                 progress("decode", sum(len(results[i].tokens) for i in indices),
                          sum(requests[i].max_new_tokens for i in indices))
@@ -268,8 +299,21 @@ class Engine:
                 raise non_finite_error(self.model, self.device, requests[i].prompt + results[i].tokens,
                                        self.prefill_chunk) from None
             self.timings.decode_tokens += len(order)
-        self._sync()
-        self.timings.decode_seconds += time.perf_counter() - t0
+
+    def _emit(self, requests: list[Request], results: list[Result], live: dict[int, int],
+              on_token: TokenCallback | None, record_logits: bool, i: int, token: int, row: torch.Tensor) -> bool:
+        """Append request i's next token (and its logits row); True, and i leaves `live`, when it was the last."""
+        results[i].tokens.append(token)
+        if record_logits:
+            results[i].logits.append(row.cpu())
+        if on_token:
+            on_token(i, token)
+        eos = self.config.eos_token_id
+        if token == eos or len(results[i].tokens) >= requests[i].max_new_tokens:
+            results[i].finish_reason = "eos" if token == eos else "length"
+            del live[i]
+            return True
+        return False
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -117,6 +117,8 @@ class Compressor(nn.Module):
         row goes into the state, and the state's block is pooled."""
         kv = self.wkv(x.float())                                              # [b, s, width] fp32
         score = self.wgate(x.float()) + self.ape[step.positions % self.ratio]   # the intra-block position bias
+        if state.journal is not None:       # a speculative step: its rows let dsv4.speculative roll the state back
+            state.journal.append((kv, score))
         if step.n_new == 1:
             pooled, blocks = self._decode_blocks(kv, score, step, state)
         else:
@@ -495,6 +497,12 @@ class Transformer(StreamHead):
     def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, step: Step) -> torch.Tensor:
         """Logits of the first MTP block for token t+2, from the streams at t and the ids of token t+1 (DeepSeek-V3
         convention; the reference generate.py never calls MTP)."""
+        return self.mtp_forward(h, next_ids, step, all_logits=True)[0]
+
+    def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, step: Step,
+                    all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MTP logits [b, s or 1, vocab] fp32, the MTP block's output streams [b, s, hc, d]): the streams let
+        speculative decoding chain a further draft through the block (dsv4.speculative)."""
         mtp = self.mtp[0]
         out = mtp(h, self.embed.weight[next_ids], next_ids, step, self.rope_for(mtp.layer_id, h.device))
-        return mtp.logits(out, self.head.weight)
+        return mtp.logits(out if all_logits else out[:, -1:], self.head.weight), out

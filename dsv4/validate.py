@@ -147,6 +147,20 @@ def engine_settings(seed_value: Any, max_batch: Any, prefill_chunk: Any) -> None
         integer(prefill_chunk, "prefill_chunk", minimum=1)
 
 
+def speculate(config: ModelConfig, drafts: Any, expert_parallel: bool = False) -> None:
+    """Speculative decoding drafts with the MTP block, at most window_size - 1 tokens a step (a verification step's
+    ring rows are rolled back in place, so its positions must not wrap the window), in one process."""
+    integer(drafts, "speculate", minimum=0)
+    if drafts >= config.window_size:
+        raise DSV4Error(f"speculate {drafts} must be below the window size ({config.window_size}): a verification "
+                        f"step of {drafts + 1} positions would wrap the window ring it rolls back")
+    if drafts and config.n_mtp_layers == 0:
+        raise DSV4Error(f"speculate {drafts} needs the MTP block to draft with, and this checkpoint has none "
+                        f"(n_mtp_layers is 0)")
+    if drafts and expert_parallel:
+        raise DSV4Error("speculate is not supported with expert parallelism (--nproc > 1) yet")
+
+
 # -- paths and files ------------------------------------------------------------------------------------------------
 def directory(path: Any, name: str) -> Path:
     """An existing, readable directory."""

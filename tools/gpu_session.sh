@@ -46,4 +46,7 @@ done
 wanted layer && stage layer 240 "${dsv4[@]}" bench layer --batches 1,16,64 --prefills "" --json "$OUT/layer.json" --quiet
 wanted model && stage model 300 "${dsv4[@]}" bench model --layers 8 --batches 1,16,64 --long-contexts "" --prefill 0 \
   --json "$OUT/model.json" --quiet
+wanted speculate && stage speculate 240 python3 -P -m pytest -q -p no:cacheprovider -m cuda tests/test_speculative.py
+wanted speculate-bench && stage speculate-bench 420 "${dsv4[@]}" bench speculate --device cuda \
+  --levels fast,batch-invariant,exact --batches 1,4,16 --speculate 1,2 --repeats 2 --json "$OUT/speculate.json"
 grep -E "passed|failed|error|difference|tok/s|FAILED|OK$|Traceback" "$log" | tail -40
