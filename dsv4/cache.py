@@ -177,13 +177,17 @@ class Step:
 
 
 class BlockAllocator:
-    """Physical cache blocks 1 .. n-1 (block 0 is the null block), handed out and taken back on the host."""
+    """Physical cache blocks 1 .. n-1 (block 0 is the null block), handed out and taken back on the host.
+
+    A block may have several owners (a slot, and the prefix cache that shares it with later slots: dsv4.serve):
+    each owner holds one reference, and the block is free again when the last one gives it back."""
 
     def __init__(self, n_blocks: int):
         if n_blocks < 2:
             raise DSV4Error(f"the KV cache needs at least 2 blocks (one is the null block), got {n_blocks}")
         self.n_blocks = n_blocks
         self._free = list(range(n_blocks - 1, 0, -1))     # pop() hands out the lowest id first
+        self._refs = [0] * n_blocks
 
     @property
     def free(self) -> int:
@@ -193,10 +197,27 @@ class BlockAllocator:
         if n > len(self._free):
             raise DSV4Error(f"the KV cache is full: {n} more block(s) of {CACHE_BLOCK} positions needed, "
                             f"{len(self._free)} free of {self.n_blocks - 1}; give it more memory or fewer sequences")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
+
+    def hold(self, blocks: list[int]) -> None:
+        """One more owner for blocks already handed out."""
+        for block in blocks:
+            self._refs[block] += 1
+
+    def owners(self, block: int) -> int:
+        return self._refs[block]
 
     def give_back(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block; a block nobody holds any more is free."""
+        freed = []
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                freed.append(block)
+        self._free.extend(reversed(freed))
 
 
 class KVCache:
@@ -254,6 +275,40 @@ class KVCache:
             for state in (layer.compressor, layer.indexer):
                 if state is not None:
                     state.reset(slot)
+
+    # -- prefix sharing (dsv4.serve.prefix): a slot may start from blocks and state another sequence left behind --
+    def adopt(self, slot: int, blocks: list[int]) -> None:
+        """Reset `slot` and make `blocks` (complete blocks of a shared prefix, one more reference each) its first
+        logical blocks. A sequence never writes into blocks before its first new position, so sharing is safe."""
+        self.reset(slot)
+        self.allocator.hold(blocks)
+        self._blocks[slot] = list(blocks)
+        self.block_table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
+    def slot_state(self, slot: int) -> list[torch.Tensor]:
+        """Views of what `slot` keeps outside its blocks, layer by layer: the window ring rows (codes, scales,
+        RoPE dims) and the compressors' open-block rows and scores. With its blocks, at a block boundary, this is
+        everything the sequence's continuation reads."""
+        views = []
+        for layer in self.layers:
+            ring = slice(slot * layer.window, (slot + 1) * layer.window)
+            views += [layer.kv.codes[ring], layer.kv.scale[ring], layer.kv.tail[ring]]
+            for state in (layer.compressor, layer.indexer):
+                if state is not None:
+                    views += [state.kv[slot], state.score[slot]]
+        return views
+
+    def block_rows(self, block: int) -> list[torch.Tensor]:
+        """Views of physical block `block`'s pool rows in every layer: compressed KV entries and indexer keys."""
+        views = []
+        for layer in self.layers:
+            stores = [layer.kv] if layer.compressor is not None else []
+            stores += [layer.indexer.entries] if layer.indexer is not None else []
+            for store in stores:
+                rows = slice(store.pool_base + block * store.entries_per_block,
+                             store.pool_base + (block + 1) * store.entries_per_block)
+                views += [store.codes[rows], store.scale[rows], store.tail[rows]]
+        return views
 
     def table_width(self, length: int) -> int:
         """Block-table columns a step over sequences of up to `length` positions reads: the blocks they cover, rounded
