@@ -1,0 +1,308 @@
+"""Continuous batching: requests join and leave the running batch at every step, on one engine thread.
+
+Each step prefills one block-aligned chunk (CACHE_BLOCK tokens, or up to the prompt's end) of the oldest request
+still prefilling, then decodes one token for every request past its prompt. So long prompts are interleaved with
+decoding, and every prompt is cut at the same positions whatever else runs, which with the prefix cache
+(dsv4.serve.prefix) makes a cached prefix indistinguishable from a computed one. At `batch-invariant` and `exact`
+the engine's bits do not depend on the batch, and sampling is keyed by (seed, request id, position): a request's
+tokens and logprobs are the same under any load.
+
+Admission is bounded by the KV block budget: a request is admitted into a free slot once the blocks for its whole
+length (prompt + max_new_tokens) are free, evicting unshared prefix-cache blocks if needed, so a running request
+never runs out of cache; the others wait in a bounded queue. A request that could never fit, or one over the
+queue bound, is refused at once.
+
+    scheduler = Scheduler(pipe).start()
+    streams = [scheduler.stream(Request(ids, max_new_tokens=16, request_id=i)) for i, ids in enumerate(prompts)]
+    for event in streams[0]:
+        print(event.token)
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv4 import validate
+from dsv4.api import Pipeline
+from dsv4.backends.canonical.primitives import exp, lane_sum, log, topk_lower_index
+from dsv4.cache import blocks_for
+from dsv4.config import CACHE_BLOCK
+from dsv4.diagnose import NonFiniteLogits
+from dsv4.engine import Engine, Request
+from dsv4.errors import DSV4Error
+from dsv4.serve.prefix import PrefixCache, chain_keys
+from dsv4.serve.store import PrefixStore
+
+MAX_TOP_LOGPROBS = 20    # alternatives a token's logprobs may list (OpenAI's limit)
+
+
+class QueueFull(DSV4Error):
+    """The bounded queue of waiting requests is full: try again later."""
+
+
+@dataclass
+class Token:
+    token: int
+    logprob: float | None                         # the model's log-probability of it (None: not asked for)
+    top: list[tuple[int, float]] = field(default_factory=list)   # the likeliest tokens and theirs
+
+
+@dataclass
+class Finished:
+    reason: str                    # "stop" (end-of-sequence token), "length", or "cancelled"
+    prompt_tokens: int
+    cached_tokens: int             # prompt tokens that came from the prefix cache
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass(eq=False)
+class Job:
+    """A request inside the scheduler."""
+    request: Request
+    emit: Callable[[Event], None]       # called on the engine thread
+    top_logprobs: int | None            # None: no logprobs
+    keys: list[str]                     # chain keys of the prompt's complete blocks
+    slot: int = -1
+    position: int = 0                   # prompt tokens in the cache so far
+    cached: int = 0
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+
+
+def positions_written(request: Request) -> int:
+    """Cache positions a request may write: its prompt and every new token but the last (never fed back)."""
+    return len(request.prompt) + request.max_new_tokens - 1
+
+
+class Ticket:
+    """A submitted request: `cancel()` frees its slot and blocks at the next step."""
+
+    def __init__(self, job: Job, scheduler: "Scheduler"):
+        self._job, self._scheduler = job, scheduler
+
+    def cancel(self) -> None:
+        self._job.cancelled = True
+        self._scheduler.wake()
+
+
+class TokenStream:
+    """The Python API's view of a request: iterate over its Token events; `finished` holds the Finished event."""
+
+    def __init__(self) -> None:
+        self._events: queue.Queue[Event] = queue.Queue()
+        self.finished: Finished | None = None
+        self.ticket: Ticket | None = None
+
+    def __iter__(self) -> Iterator[Token]:
+        while True:
+            event = self._events.get()
+            if isinstance(event, Failed):
+                raise DSV4Error(event.message)
+            if isinstance(event, Finished):
+                self.finished = event
+                return
+            yield event
+
+
+class Scheduler:
+    def __init__(self, pipe: Pipeline, max_batch: int | None = None, cache_blocks: int | None = None,
+                 max_queue: int = 256, prefix: bool = True, store: PrefixStore | None = None):
+        self.engine = Engine(pipe.model, pipe.device, max_batch=max_batch, cache_blocks=cache_blocks)
+        self.config, self.cache = self.engine.config, self.engine.cache
+        self.max_queue = validate.integer(max_queue, "max_queue", minimum=1)
+        self.prefix = PrefixCache(self.cache, store) if prefix else None
+        self._free_slots = list(range(self.engine.max_batch - 1, -1, -1))
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="dsv4-scheduler", daemon=True)
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def check(self, request: Request) -> None:
+        """Refuse at once what could never run: bad settings, over the context, more blocks than the cache has."""
+        validate.request(self.config, request)
+        need, have = blocks_for(positions_written(request)), self.cache.allocator.n_blocks - 1
+        if need > have:
+            raise DSV4Error(f"prompt of {len(request.prompt)} tokens plus {request.max_new_tokens} new tokens needs "
+                            f"{need} KV cache blocks of {CACHE_BLOCK} positions, the cache has {have}; give the "
+                            f"server more --kv-cache-memory or ask for fewer tokens")
+
+    def submit(self, request: Request, emit: Callable[[Event], None], top_logprobs: int | None = None) -> Ticket:
+        """Queue a request; `emit` gets its events on the engine thread. Raises DSV4Error (QueueFull when the
+        queue is full) before queueing anything."""
+        self.check(request)
+        if top_logprobs is not None:
+            validate.integer(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS + 1)
+        job = Job(request, emit, top_logprobs, chain_keys(request.prompt) if self.prefix else [])
+        with self._lock:
+            if self._closed:
+                raise DSV4Error("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"too many requests: {len(self._waiting)} are already waiting (the limit); "
+                                f"try again later")
+            self._waiting.append(job)
+            self._lock.notify()
+        return Ticket(job, self)
+
+    def stream(self, request: Request, top_logprobs: int | None = None) -> TokenStream:
+        """Submit a request and get an iterator over its tokens (the Python API)."""
+        stream = TokenStream()
+        stream.ticket = self.submit(request, stream._events.put, top_logprobs)
+        return stream
+
+    def status(self) -> dict:
+        with self._lock:
+            waiting, running = len(self._waiting), len(self._running)
+        return {"running": running, "waiting": waiting, "free_blocks": self.cache.allocator.free,
+                "total_blocks": self.cache.allocator.n_blocks - 1,
+                "cached_blocks": len(self.prefix.nodes) if self.prefix else 0,
+                "prefix_cache": self.prefix.stats.as_dict() if self.prefix else None,
+                "disk_cache": self.prefix is not None and self.prefix.store is not None
+                and self.prefix.store.enabled}
+
+    # -- the engine thread ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._closed or self._running or self._waiting)
+                if self._closed:
+                    break
+                cancelled = [j for j in self._waiting if j.cancelled]
+                for job in cancelled:
+                    self._waiting.remove(job)
+            for job in cancelled:
+                job.emit(Finished("cancelled", len(job.request.prompt), 0, 0))
+            for job in [j for j in self._running if j.cancelled]:
+                self._finish(job, "cancelled")
+            self._admit()
+            try:
+                self._step()
+            except NonFiniteLogits:
+                self._fail_all("the model's logits are not finite (NaN or infinity); run `dsv4 run` on the "
+                               "prompt to find the layer")
+            except Exception as e:    # a fault in one step must not stop the server: fail what was running
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+        for job in self._running + list(self._waiting):
+            job.emit(Failed("the server is shutting down"))
+
+    def _admit(self) -> None:
+        while self._free_slots:
+            with self._lock:
+                if not self._waiting:
+                    return
+                job = self._waiting[0]
+            slot = self._free_slots[-1]
+            found = self.prefix.match(job.request.prompt, job.keys) if self.prefix else None
+            if found is not None:
+                self.prefix.restore(slot, found)
+            else:
+                self.cache.reset(slot)
+            own = blocks_for(positions_written(job.request)) - len(self.cache.blocks_of(slot))
+            if self.prefix and self.cache.allocator.free < own:
+                self.prefix.evict(own)
+            if self.cache.allocator.free < own:
+                self.cache.reset(slot)          # wait for running requests to give blocks back
+                return
+            self.cache.reserve(slot, positions_written(job.request))
+            self._free_slots.pop()
+            job.slot = slot
+            job.position = job.cached = found.tokens if found is not None else 0
+            with self._lock:
+                self._waiting.popleft()
+                self._running.append(job)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        decoding = [j for j in self._running if j.tokens]
+        prefilling = [j for j in self._running if not j.tokens]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        if decoding:
+            self._decode(decoding)
+
+    def _prefill_chunk(self, job: Job) -> None:
+        prompt = job.request.prompt
+        begin = job.position
+        end = min(begin + CACHE_BLOCK, len(prompt))
+        logits = self.engine.forward(torch.tensor([prompt[begin:end]]), [begin], [job.slot])[:, -1]
+        job.position = end
+        if self.prefix and end % CACHE_BLOCK == 0:
+            self.prefix.insert(job.slot, prompt, job.keys, end // CACHE_BLOCK - 1)
+        if end == len(prompt):
+            self._emit([job], self.engine.sample(logits, [job.request], [end]), logits)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        start = [len(j.request.prompt) + len(j.tokens) - 1 for j in jobs]
+        tokens, logits = self.engine.decode([j.slot for j in jobs], [j.tokens[-1] for j in jobs], start,
+                                            [j.request for j in jobs])
+        self._emit(jobs, tokens, logits)
+
+    def _emit(self, jobs: list[Job], tokens: list[int], logits: torch.Tensor) -> None:
+        want = [i for i, j in enumerate(jobs) if j.top_logprobs is not None]
+        rows = logprobs(logits[want]).cpu() if want else None
+        eos = self.config.eos_token_id
+        for i, (job, token) in enumerate(zip(jobs, tokens)):
+            job.tokens.append(token)
+            if token == eos:
+                self._finish(job, "stop")
+                continue
+            event = Token(token, None)
+            if job.top_logprobs is not None:
+                row = rows[want.index(i)]
+                event.logprob = row[token].item()
+                if job.top_logprobs:
+                    values, ids = topk_lower_index(row, job.top_logprobs)
+                    event.top = list(zip(ids.tolist(), values.tolist()))
+            job.emit(event)
+            if len(job.tokens) >= job.request.max_new_tokens:
+                self._finish(job, "length")
+
+    def _release(self, job: Job) -> None:
+        """Give the job's slot and blocks back (blocks the prefix cache holds stay cached)."""
+        self.cache.reset(job.slot)
+        self._free_slots.append(job.slot)
+        with self._lock:
+            self._running.remove(job)
+
+    def _finish(self, job: Job, reason: str) -> None:
+        self._release(job)
+        job.emit(Finished(reason, len(job.request.prompt), job.cached, len(job.tokens)))
+
+    def _fail_all(self, message: str) -> None:
+        for job in list(self._running):
+            self._release(job)
+            job.emit(Failed(message))
+
+
+def logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of logits [b, vocab] in the exact contract's order (dsv4.backends.canonical): the same bits on
+    every device, row by row, whatever the batch."""
+    z = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+    return z - log(lane_sum(exp(z)))[:, None]
