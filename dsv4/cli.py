@@ -459,6 +459,48 @@ def evaluate(model, preset, backend, device, determinism, ops_config, op_overrid
 
 
 # -- benchmarks: `dsv4 bench <what>`; each benchmark is a subcommand of this group (the code: dsv4.benchmarks) ------
+SIZE = Checked("size", validate.byte_size)
+
+
+@main.command()
+@model_option
+@click.option("--preset", default=None, help="Serve a preset's randomly initialised checkpoint (tiny, small, ...).")
+@backend_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Requests decoding at once (cache slots). [default: the model config's max_batch_size]")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests that may wait for a slot; more are refused with 429.")
+@click.option("--kv-cache-memory", type=SIZE, default=None,
+              help="Memory for the paged KV cache blocks, e.g. 4GiB. [default: a full context per slot]")
+@click.option("--prefix-cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Persist cached prompt prefixes here, so they survive a restart.")
+@click.option("--prefix-cache-size", type=SIZE, default="10GiB", show_default=True,
+              help="Size cap of --prefix-cache-dir (least recently used files go first).")
+@click.option("--no-prefix-cache", is_flag=True, help="Compute every prompt from scratch (no reuse, no files).")
+@VERIFY
+@friendly_errors
+def serve(model, preset, device, determinism, ops_config, op_overrides, host, port, max_batch, max_queue,
+          kv_cache_memory, prefix_cache_dir, prefix_cache_size, no_prefix_cache, verify):
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health) with
+    continuous batching and a prefix cache; at batch-invariant and exact, a request's bits do not depend on the
+    load. docs/serve.md."""
+    try:
+        from dsv4.serve import app
+    except ImportError as e:
+        raise DSV4Error(f"dsv4 serve needs the serve extra ({e.name} is missing): pip install 'dsv4[serve]'") from None
+    from dsv4.backends.registry import collect_overrides
+
+    def warn(message: str) -> None:
+        click.echo(f"warning: {one_line(message)}", err=True)
+
+    service = app.load_service(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
+                               verify, max_batch, max_queue, kv_cache_memory, prefix_cache_dir, prefix_cache_size,
+                               not no_prefix_cache, warn)
+    app.run(service, host, port, lambda line: click.echo(line, err=True))
+
+
 @main.group("bench")
 def bench_group() -> None:
     """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""

@@ -30,8 +30,8 @@ import torch
 from dsv4 import validate
 from dsv4.api import Pipeline
 from dsv4.backends.canonical.primitives import exp, lane_sum, log, topk_lower_index
-from dsv4.cache import blocks_for
-from dsv4.config import CACHE_BLOCK
+from dsv4.cache import KVCache, blocks_for
+from dsv4.config import CACHE_BLOCK, ModelConfig
 from dsv4.diagnose import NonFiniteLogits
 from dsv4.engine import Engine, Request
 from dsv4.errors import DSV4Error
@@ -299,6 +299,16 @@ class Scheduler:
         for job in list(self._running):
             self._release(job)
             job.emit(Failed(message))
+
+
+def cache_blocks_for_memory(config: ModelConfig, memory: int) -> int:
+    """How many KV cache blocks (with the null block) `memory` bytes of paged pool hold for this model."""
+    per_block = sum(v.nbytes for v in KVCache(config, 1, "meta", blocks=2).block_rows(1))
+    blocks = memory // per_block + 1
+    if blocks < 2:
+        raise DSV4Error(f"a KV cache memory of {memory} bytes holds no block of this model ({per_block} bytes "
+                        f"per block of {CACHE_BLOCK} positions)")
+    return blocks
 
 
 def logprobs(logits: torch.Tensor) -> torch.Tensor:
