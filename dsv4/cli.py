@@ -510,6 +510,44 @@ json_option = click.option("--json", "json_out", type=OUTPUT_FILE, default=None,
 bench_options = options(*bench.SHARED, json_option, quiet_option)
 
 
+@bench_group.command("serve")
+@model_option
+@click.option("--preset", default=None, help="Serve a preset's randomly initialised checkpoint instead.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--determinism", type=click.Choice(LEVEL_NAMES), default="exact", show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, help="The server's --max-batch.")
+@click.option("--requests", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests in flight at once.")
+@click.option("--shared-prefixes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Distinct long prefixes the requests share (request i takes prefix i mod this).")
+@click.option("--prefix-words", type=click.IntRange(min=1), default=80, show_default=True,
+              help="Length of each shared prefix, in random words (about 6 tokens each on the byte-level "
+                   "default model).")
+@click.option("--suffix-words", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Each request's own words after its prefix.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--probes", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Single requests timed for each of cold, memory-hit and disk-hit TTFT (medians).")
+@json_option
+@quiet_option
+@friendly_errors
+def bench_serve(model, preset, device, determinism, max_batch, requests, concurrency, shared_prefixes, prefix_words,
+                suffix_words, max_tokens, probes, json_out, quiet):
+    """Throughput, TTFT and TPOT (p50/p99), prefix-cache hit rate, and TTFT cold vs memory hit vs disk hit after a
+    restart, of a `dsv4 serve` this command starts on a free local port."""
+    import dsv4.benchmarks.serve as serve_bench
+
+    args = ["--device", device, "--determinism", determinism, "--max-queue", str(max(requests, 1))]
+    args += ["--model", model] if model else []
+    args += ["--preset", preset] if preset else []
+    args += ["--max-batch", str(max_batch)] if max_batch else []
+    result = serve_bench.run(args, requests, concurrency, shared_prefixes, prefix_words, suffix_words, max_tokens,
+                             probes, bench.say(quiet))
+    click.echo(serve_bench.table(result))
+    bench.write_json(result, json_out)
+
+
 @bench_group.command("ops")
 @bench_options
 @click.option("--ops", "op_names", default="", help="Only these ops (comma-separated), e.g. quant_linear.")
