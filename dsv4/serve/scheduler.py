@@ -139,7 +139,8 @@ class Scheduler:
         with self._lock:
             self._closed = True
             self._lock.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def wake(self) -> None:
         with self._lock:
