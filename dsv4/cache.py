@@ -286,16 +286,17 @@ class KVCache:
         self.block_table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
 
     def slot_state(self, slot: int) -> list[torch.Tensor]:
-        """Views of what `slot` keeps outside its blocks, layer by layer: the window ring rows (codes, scales,
-        RoPE dims) and the compressors' open-block rows and scores. With its blocks, at a block boundary, this is
-        everything the sequence's continuation reads."""
+        """Views of what `slot` keeps outside its blocks that a continuation from a block boundary reads, layer by
+        layer: the window ring rows (codes, scales, RoPE dims) and, for the overlapping (CSA) compressors, the
+        previous compression block's rows and scores. At a boundary the current compression block is empty (every
+        ratio divides CACHE_BLOCK), so its state rows are never read before they are written again."""
         views = []
-        for layer in self.layers:
+        for ratio, layer in zip(self.config.compress_ratios, self.layers):
             ring = slice(slot * layer.window, (slot + 1) * layer.window)
             views += [layer.kv.codes[ring], layer.kv.scale[ring], layer.kv.tail[ring]]
-            for state in (layer.compressor, layer.indexer):
-                if state is not None:
-                    views += [state.kv[slot], state.score[slot]]
+            if ratio == CSA_RATIO:
+                for state in (layer.compressor, layer.indexer):
+                    views += [state.kv[slot, :ratio], state.score[slot, :ratio]]
         return views
 
     def block_rows(self, block: int) -> list[torch.Tensor]:
