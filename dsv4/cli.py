@@ -521,7 +521,7 @@ bench_options = options(*bench.SHARED, json_option, quiet_option)
               help="Requests in flight at once.")
 @click.option("--shared-prefixes", type=click.IntRange(min=1), default=2, show_default=True,
               help="Distinct long prefixes the requests share (request i takes prefix i mod this).")
-@click.option("--prefix-words", type=click.IntRange(min=1), default=80, show_default=True,
+@click.option("--prefix-words", type=click.IntRange(min=1), default=100, show_default=True,
               help="Length of each shared prefix, in random words (about 6 tokens each on the byte-level "
                    "default model).")
 @click.option("--suffix-words", type=click.IntRange(min=1), default=4, show_default=True,
