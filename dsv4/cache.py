@@ -277,13 +277,19 @@ class KVCache:
                     state.reset(slot)
 
     # -- prefix sharing (dsv4.serve.prefix): a slot may start from blocks and state another sequence left behind --
-    def adopt(self, slot: int, blocks: list[int]) -> None:
-        """Reset `slot` and make `blocks` (complete blocks of a shared prefix, one more reference each) its first
-        logical blocks. A sequence never writes into blocks before its first new position, so sharing is safe."""
-        self.reset(slot)
-        self.allocator.hold(blocks)
-        self._blocks[slot] = list(blocks)
-        self.block_table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    def share(self, slot: int, index: int, block: int) -> None:
+        """Make `block` (a complete block of a shared prefix, one more reference to it) the slot's logical block
+        `index`, in place of the one it had there (given back) or as its next one. A sequence never writes into
+        blocks before its first new position, so sharing is safe."""
+        self.allocator.hold([block])
+        have = self._blocks[slot]
+        if index < len(have):
+            self.allocator.give_back([have[index]])
+            have[index] = block
+        else:
+            assert index == len(have), "a shared block follows the slot's blocks"
+            have.append(block)
+        self.block_table[slot, index] = block
 
     def slot_state(self, slot: int) -> list[torch.Tensor]:
         """Views of what `slot` keeps outside its blocks that a continuation from a block boundary reads, layer by

@@ -71,6 +71,17 @@ def test_python_api_streams_the_engines_tokens_for_many_requests(pipe):
     assert [s.finished.reason for s in streams] == ["stop" if len(g) < 4 else "length" for g in got]
 
 
+def test_requests_admitted_together_compute_their_shared_prefix_once(pipe, expected):
+    scheduler = Scheduler(pipe, max_batch=2).start()
+    try:
+        streams = [scheduler.stream(request(p), top_logprobs=0) for p in (FIRST, SECOND)]
+        tokens = [[(t.token, t.logprob) for t in s] for s in streams]
+    finally:
+        scheduler.close()
+    assert tokens[1] == expected
+    assert [s.finished.cached_tokens for s in streams] == [0, 256]
+
+
 def test_a_prefix_on_disk_is_used_after_a_restart_with_the_same_bits(pipe, written, expected, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(written, root)

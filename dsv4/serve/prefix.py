@@ -56,7 +56,7 @@ class Node:
 
 @dataclass
 class PrefixStats:
-    lookups: int = 0                 # requests that looked for a prefix
+    lookups: int = 0                 # requests prefilled
     prompt_tokens: int = 0           # their prompt tokens
     memory_tokens: int = 0           # prompt tokens found in memory
     disk_tokens: int = 0             # prompt tokens found on disk
@@ -94,7 +94,8 @@ class PrefixCache:
         for i, key in enumerate(keys[:usable]):
             node = self.nodes.get(key)
             if node is None:
-                node = self._from_disk(key, prompt[i * CACHE_BLOCK:(i + 1) * CACHE_BLOCK], parent, found.nodes)
+                block = prompt[i * CACHE_BLOCK:(i + 1) * CACHE_BLOCK]
+                node = self._from_disk(key, block, parent, found.nodes)
                 if node is None:
                     break
                 found.from_disk += 1
@@ -103,21 +104,25 @@ class PrefixCache:
         self._clock += 1
         for node in found.nodes:
             node.last_use = self._clock
-        s = self.stats
-        s.lookups += 1
-        s.prompt_tokens += len(prompt)
-        s.disk_tokens += found.from_disk * CACHE_BLOCK
-        s.memory_tokens += found.tokens - found.from_disk * CACHE_BLOCK
-        s.memory_hits += len(found.nodes) > found.from_disk
-        s.disk_hits += found.from_disk > 0
         return found
 
-    def restore(self, slot: int, found: Match) -> None:
-        """Start `slot` from the matched prefix: its blocks adopted, the last node's state copied in."""
-        self.cache.adopt(slot, [n.block for n in found.nodes])
-        if found.nodes:
-            for view, saved in zip(self.cache.slot_state(slot), found.nodes[-1].state):
-                view.copy_(saved)
+    def restore(self, slot: int, nodes: list[Node], first: int) -> None:
+        """Continue `slot` from the prefix `nodes`: their blocks from index `first` on shared into its table (the
+        slot's own blocks there given back), the last node's state copied in."""
+        for index, node in enumerate(nodes[first:], start=first):
+            self.cache.share(slot, index, node.block)
+        for view, saved in zip(self.cache.slot_state(slot), nodes[-1].state):
+            view.copy_(saved)
+
+    def record(self, prompt_tokens: int, memory_tokens: int, disk_tokens: int) -> None:
+        """Count one request's prompt and the tokens it took from memory and from disk."""
+        s = self.stats
+        s.lookups += 1
+        s.prompt_tokens += prompt_tokens
+        s.memory_tokens += memory_tokens
+        s.disk_tokens += disk_tokens
+        s.memory_hits += memory_tokens > 0
+        s.disk_hits += disk_tokens > 0
 
     def insert(self, slot: int, prompt: list[int], keys: list[str], index: int) -> None:
         """Remember block `index` of the prompt in `slot`, whose prefill has just reached the block's end."""

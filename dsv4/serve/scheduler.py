@@ -77,7 +77,8 @@ class Job:
     keys: list[str]                     # chain keys of the prompt's complete blocks
     slot: int = -1
     position: int = 0                   # prompt tokens in the cache so far
-    cached: int = 0
+    cached: int = 0                     # prompt tokens taken from the prefix cache
+    from_disk: int = 0                  # of those, read from disk
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
 
@@ -220,24 +221,35 @@ class Scheduler:
                     return
                 job = self._waiting[0]
             slot = self._free_slots[-1]
-            found = self.prefix.match(job.request.prompt, job.keys) if self.prefix else None
-            if found is not None:
-                self.prefix.restore(slot, found)
-            else:
-                self.cache.reset(slot)
+            self.cache.reset(slot)
+            job.slot = slot
+            if self.prefix:
+                self._reuse(job)
             own = blocks_for(positions_written(job.request)) - len(self.cache.blocks_of(slot))
             if self.prefix and self.cache.allocator.free < own:
                 self.prefix.evict(own)
-            if self.cache.allocator.free < own:
-                self.cache.reset(slot)          # wait for running requests to give blocks back
+            if self.cache.allocator.free < own:       # wait for running requests to give blocks back
+                self.cache.reset(slot)
+                job.slot, job.position, job.cached, job.from_disk = -1, 0, 0, 0
                 return
             self.cache.reserve(slot, positions_written(job.request))
             self._free_slots.pop()
-            job.slot = slot
-            job.position = job.cached = found.tokens if found is not None else 0
             with self._lock:
                 self._waiting.popleft()
                 self._running.append(job)
+
+    def _reuse(self, job: Job) -> None:
+        """Continue the job from the longest cached prefix of its prompt, if that reaches past its position: at
+        admission, and again before each prefill chunk, so a request admitted with others sharing its prefix
+        takes the blocks the first of them computes instead of computing them too."""
+        found = self.prefix.match(job.request.prompt, job.keys)
+        first = job.position // CACHE_BLOCK
+        if len(found.nodes) <= first:
+            return
+        self.prefix.restore(job.slot, found.nodes, first)
+        job.cached += (len(found.nodes) - first) * CACHE_BLOCK
+        job.from_disk += found.from_disk * CACHE_BLOCK
+        job.position = found.tokens
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -250,6 +262,8 @@ class Scheduler:
 
     def _prefill_chunk(self, job: Job) -> None:
         prompt = job.request.prompt
+        if self.prefix:
+            self._reuse(job)
         begin = job.position
         end = min(begin + CACHE_BLOCK, len(prompt))
         logits = self.engine.forward(torch.tensor([prompt[begin:end]]), [begin], [job.slot])[:, -1]
@@ -257,6 +271,8 @@ class Scheduler:
         if self.prefix and end % CACHE_BLOCK == 0:
             self.prefix.insert(job.slot, prompt, job.keys, end // CACHE_BLOCK - 1)
         if end == len(prompt):
+            if self.prefix:
+                self.prefix.record(len(prompt), job.cached - job.from_disk, job.from_disk)
             self._emit([job], self.engine.sample(logits, [job.request], [end]), logits)
 
     def _decode(self, jobs: list[Job]) -> None:

@@ -36,6 +36,7 @@ class PrefixStore:
         self.dir = Path(root) / model_key
         self.enabled = True
         self._sizes: dict[str, int] = {}          # file name -> bytes, oldest use first
+        self._bad: set[str] = set()               # keys whose file was refused (warned once) until rewritten
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             files = sorted(self.dir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime_ns)
@@ -81,22 +82,24 @@ class PrefixStore:
             self._disable(e)
             return
         self._sizes[name] = len(data)
+        self._bad.discard(key)
 
     def load(self, key: str, tokens: list[int], rows_like: list[torch.Tensor],
              state_like: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """Block `key`'s (rows, state) if its file exists and is valid for this model and these tokens; a file
-        that exists but is not is ignored with a warning."""
+        that exists but is not is ignored with one warning (and not read again until it is rewritten)."""
         path = self.dir / (key + SUFFIX)
-        if not self.enabled or not path.is_file():
+        if not self.enabled or key in self._bad or not path.is_file():
             return None
         try:
             data = path.read_bytes()
             os.utime(path)
         except OSError as e:
-            self._warn(f"ignoring prefix-cache file {path}: {e.strerror or e}; recomputing")
-            return None
-        found, problem = _parse(data, self.model_key, key, tokens, rows_like, state_like)
+            problem = e.strerror or str(e)
+        else:
+            found, problem = _parse(data, self.model_key, key, tokens, rows_like, state_like)
         if problem:
+            self._bad.add(key)
             self._warn(f"ignoring prefix-cache file {path}: {problem}; recomputing")
             return None
         self._sizes[path.name] = self._sizes.pop(path.name, len(data))    # now the most recently used
