@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     shutil.copytree(DEFAULT_MODEL, model)
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>"}))
     with Server(tmp_path_factory.mktemp("logs"), "--model", str(model), "--determinism", "exact",
-                "--max-batch", "4", "--max-queue", "64") as s:
+                "--max-batch", "8", "--max-queue", "64") as s:
         yield s
 
 
@@ -142,11 +142,13 @@ def test_unknown_model_is_a_404(server):
     assert "gpt-4" in e.value.body["message"] and e.value.body["code"] == "model_not_found"
 
 
-def test_malformed_json_is_a_400(server):
+def test_malformed_json_is_a_400_and_an_unknown_path_a_404(server):
     status, body = server.post("/v1/completions", b'{"model": "chatty", "prompt": ')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = server.post("/v1/chat/completions", b'[1, 2]')
     assert status == 400 and "JSON object" in body["error"]["message"]
+    status, body = server.post("/v1/embeddings", b'{}')
+    assert status == 404 and body["error"]["message"]
 
 
 def test_bad_chat_messages_are_a_400(server):

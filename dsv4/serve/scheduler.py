@@ -1,7 +1,8 @@
 """Continuous batching: requests join and leave the running batch at every step, on one engine thread.
 
-Each step prefills one block-aligned chunk (CACHE_BLOCK tokens, or up to the prompt's end) of the oldest request
-still prefilling, then decodes one token for every request past its prompt. So long prompts are interleaved with
+Each step prefills block-aligned chunks (CACHE_BLOCK tokens, or up to the prompt's end) of the oldest requests
+still prefilling, up to CACHE_BLOCK tokens in all (at least one chunk), then decodes one token for every request
+past its prompt. So long prompts are interleaved with
 decoding, and every prompt is cut at the same positions whatever else runs, which with the prefix cache
 (dsv4.serve.prefix) makes a cached prefix indistinguishable from a computed one. At `batch-invariant` and `exact`
 the engine's bits do not depend on the batch, and sampling is keyed by (seed, request id, position): a request's
@@ -254,13 +255,17 @@ class Scheduler:
     @torch.inference_mode()
     def _step(self) -> None:
         decoding = [j for j in self._running if j.tokens]
-        prefilling = [j for j in self._running if not j.tokens]
-        if prefilling:
-            self._prefill_chunk(prefilling[0])
+        budget = CACHE_BLOCK             # prefill tokens per step: short prompts go together, long ones by block
+        for job in [j for j in self._running if not j.tokens]:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(job)
         if decoding:
             self._decode(decoding)
 
-    def _prefill_chunk(self, job: Job) -> None:
+    def _prefill_chunk(self, job: Job) -> int:
+        """Prefill the job's next chunk (each its own forward step: the cut points never depend on the others);
+        the number of tokens it computed."""
         prompt = job.request.prompt
         if self.prefix:
             self._reuse(job)
@@ -274,6 +279,7 @@ class Scheduler:
             if self.prefix:
                 self.prefix.record(len(prompt), job.cached - job.from_disk, job.from_disk)
             self._emit([job], self.engine.sample(logits, [job.request], [end]), logits)
+        return end - begin
 
     def _decode(self, jobs: list[Job]) -> None:
         start = [len(j.request.prompt) + len(j.tokens) - 1 for j in jobs]
