@@ -42,8 +42,7 @@ class Service:
 
 @dataclass
 class Outcome:
-    """What a request produced, as it is sent: text, per-token logprob entries, finish reason, usage."""
-    finish_reason: str | None = None
+    """A request's token counts, for `usage`."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -91,6 +90,7 @@ def create_app(service: Service, on_start: Callable[[], None] = lambda: None) ->
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         body = parse(await http.body(), CompletionRequest)
+        _served(service, body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -103,6 +103,7 @@ def create_app(service: Service, on_start: Callable[[], None] = lambda: None) ->
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
         body = parse(await http.body(), ChatRequest)
+        _served(service, body)
         if service.template is None:
             raise APIError(400, f"model {service.name!r} has no chat template (its tokenizer_config.json has no "
                                 "chat_template); use /v1/completions", "messages")
@@ -121,6 +122,12 @@ def create_app(service: Service, on_start: Callable[[], None] = lambda: None) ->
     return app
 
 
+def _served(service: Service, body: Common) -> None:
+    if body.model != service.name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {service.name!r}",
+                       "model", code="model_not_found")
+
+
 def _checked(fn: Callable[[], Any], param: str) -> Any:
     try:
         return fn()
@@ -130,9 +137,6 @@ def _checked(fn: Callable[[], Any], param: str) -> Any:
 
 async def _respond(service: Service, http: HTTPRequest, body: Common, ids: list[int], max_tokens: int | None,
                    top_logprobs: int | None, chat: bool):
-    if body.model != service.name:
-        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {service.name!r}",
-                       "model", code="model_not_found")
     if max_tokens is None or max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     context = service.pipe.config.max_seq_len

@@ -225,7 +225,14 @@ class Scheduler:
             self.cache.reset(slot)
             job.slot = slot
             if self.prefix:
-                self._reuse(job)
+                try:
+                    self._reuse(job)
+                except Exception as e:   # a fault while restoring a prefix fails this request only
+                    self.cache.reset(slot)
+                    with self._lock:
+                        self._waiting.popleft()
+                    job.emit(Failed(f"internal error while restoring a cached prefix: {type(e).__name__}: {e}"))
+                    continue
             own = blocks_for(positions_written(job.request)) - len(self.cache.blocks_of(slot))
             if self.prefix and self.cache.allocator.free < own:
                 self.prefix.evict(own)
