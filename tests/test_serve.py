@@ -30,8 +30,10 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory):
-    """The embedded default model with no arguments but one slot and a queue of one."""
-    with Server(tmp_path_factory.mktemp("logs"), "--max-batch", "1", "--max-queue", "1") as s:
+    """The embedded default model with no arguments but one slot, a queue of one and KV memory for 3 blocks (768
+    positions, the context being 1024)."""
+    with Server(tmp_path_factory.mktemp("logs"), "--max-batch", "1", "--max-queue", "1",
+                "--kv-cache-memory", "160KiB") as s:
         yield s
 
 
@@ -168,9 +170,16 @@ def test_embedded_model_serves_completions_with_no_arguments(narrow):
     assert r.usage.completion_tokens == 3
 
 
+def test_a_request_that_can_never_fit_the_kv_memory_is_refused_at_once(narrow):
+    assert narrow.health()["total_blocks"] == 3
+    with pytest.raises(openai.BadRequestError) as e:
+        narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=900)
+    assert "KV cache blocks" in e.value.body["message"] and narrow.health()["waiting"] == 0
+
+
 def test_disconnecting_client_frees_its_slot_and_blocks(narrow):
     total = narrow.health()["total_blocks"]
-    stream = narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=900, stream=True)
+    stream = narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=600, stream=True)
     next(iter(stream))
     assert narrow.health()["running"] == 1 and narrow.health()["free_blocks"] < total
     stream.close()
@@ -179,7 +188,7 @@ def test_disconnecting_client_frees_its_slot_and_blocks(narrow):
 
 
 def test_requests_over_the_queue_bound_get_a_429(narrow):
-    running = narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=900, stream=True)
+    running = narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=600, stream=True)
     next(iter(running))
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(narrow.client.completions.create, model="default", prompt=PROMPT, max_tokens=2)
