@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from dsv4.backends.levels import Level
-from dsv4.backends.registry import OpTable, default_registry
-from dsv4.benchmarks.timing import limits, median_us
+from dsv4.backends.registry import OpTable
+from dsv4.benchmarks.timing import level_tables, limits, median_us
 from dsv4.cache import KVCache
 from dsv4.config import CSA_RATIO, ModelConfig, preset
 from dsv4.model import Block, rope_table
@@ -149,9 +149,7 @@ def run(preset_name: str, kinds: tuple[str, ...], batches: tuple[int, ...], pref
         context: int, levels: tuple[Level, ...], device: str = "cuda", exact_prefill_max: int = 4096,
         progress: Callable[[str], None] = lambda _: None) -> dict:
     dev = torch.device(device)
-    registry = default_registry()
-    backend = registry.backend_for_device(dev.type)
-    tables = {level: registry.resolve(backend, level) for level in levels}
+    tables = level_tables(dev, levels)
     hw = limits(dev)
     rows: list[Row] = []
     for kind in kinds:

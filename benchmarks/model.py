@@ -20,10 +20,9 @@ import torch
 
 from dsv4.backends.contracts import FP4_BLOCK
 from dsv4.backends.levels import Level
-from dsv4.backends.registry import default_registry
 from dsv4.benchmarks.layer import fill_cache, randomise, use_ops
 from dsv4.benchmarks.ops import kv_row_bytes
-from dsv4.benchmarks.timing import limits
+from dsv4.benchmarks.timing import level_tables, limits
 from dsv4.cache import blocks_for
 from dsv4.config import CSA_RATIO, ModelConfig, preset
 from dsv4.engine import Engine, Request
@@ -93,9 +92,7 @@ def run(preset_name: str, layers: int, batches: tuple[int, ...], contexts: tuple
         progress: Callable[[str], None] = lambda _: None) -> dict:
     """Decode at every (batch, context) and at batch 1 for each long context; one prefill per level."""
     dev = torch.device(device)
-    registry = default_registry()
-    backend = registry.backend_for_device(dev.type)
-    tables = {level: registry.resolve(backend, level) for level in levels}
+    tables = level_tables(dev, levels)
     hw = limits(dev)
     longest = max(contexts + long_contexts + (prefill,))
     config = stack_config(preset_name, layers, max(batches), longest)

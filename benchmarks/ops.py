@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from dsv4.backends.canonical import ops as canonical
 from dsv4.backends.levels import Level
-from dsv4.backends.registry import Kernel, default_registry
-from dsv4.benchmarks.timing import limits, time_us
+from dsv4.backends.registry import Kernel
+from dsv4.benchmarks.timing import level_tables, limits, time_us
 from dsv4.backends.contracts import FP4_BLOCK, KV_FP8_BLOCK
 from dsv4.cache import PagedRows, blocks_for, index_key_rows, kv_rows
 from dsv4.config import CACHE_BLOCK, CSA_RATIO, ModelConfig, preset
@@ -241,9 +241,7 @@ def run(preset_name: str, batches: tuple[int, ...], prefills: tuple[int, ...], c
         levels: tuple[Level, ...], device: str = "cuda", ops: tuple[str, ...] = (),
         progress: Callable[[str], None] = lambda _: None, on_row: Callable[[dict], None] = lambda _: None) -> dict:
     dev = torch.device(device)
-    registry = default_registry()
-    backend = registry.backend_for_device(dev.type)
-    tables = {level: registry.resolve(backend, level) for level in levels}
+    tables = level_tables(dev, levels)
     hw = limits(dev)
     config = preset(preset_name)
     rows: list[Row] = []

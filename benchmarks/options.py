@@ -55,3 +55,8 @@ def write_json(result: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def write_text(text: str, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)

@@ -54,17 +54,17 @@ def hbm_bandwidths(device: torch.device) -> dict[str, float]:
 
     from dsv4.benchmarks.stream import read_bandwidth
 
+    streaming = read_bandwidth(device, HBM_PROBE_BYTES)       # before the copy buffers take their 2 GiB
     a = torch.empty(HBM_PROBE_BYTES // 2, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     moved = 2 * a.numel()
     eager_us = median_us(lambda: b.copy_(a), 10)
     graphed_us, _ = time_us(lambda: b.copy_(a), iters=10)
     do_bench_ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=100, return_mode="median")
-    del a, b
     return {"copy eager (events)": moved / (eager_us * 1e-6),
             "copy in a CUDA graph (events)": moved / (graphed_us * 1e-6),
             "copy (triton do_bench median)": moved / (do_bench_ms * 1e-3),
-            "triton streaming read kernel": read_bandwidth(device, HBM_PROBE_BYTES)}
+            "triton streaming read kernel": streaming}
 
 
 def tensor_core_peak(device: torch.device) -> float:
@@ -74,6 +74,15 @@ def tensor_core_peak(device: torch.device) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     us, _ = time_us(lambda: a @ b, iters=10)
     return 2 * n ** 3 / (us * 1e-6)
+
+
+def level_tables(device: torch.device, levels) -> dict:
+    """The op table of the device's backend at each level, resolved as `dsv4 run` would."""
+    from dsv4.backends.registry import default_registry
+
+    registry = default_registry()
+    backend = registry.backend_for_device(device.type)
+    return {level: registry.resolve(backend, level) for level in levels}
 
 
 def limits(device: torch.device) -> dict:

@@ -36,8 +36,8 @@ def _add_triton_kernels(backend: Backend) -> None:
     for kind, level in (("fast", Level.FAST), ("invariant", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
         backend.add("quant_linear", quant_gemm.quant_linear(kind), level, f"triton_{kind}")
         backend.add("grouped_quant_linear", quant_gemm.grouped_quant_linear(kind), level, f"triton_{kind}")
-    # one program per (token, head block): batch-invariant by construction
-    for kind, level in (("fast", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
+    # 'split' (tensor cores, flash-decoding splits whose bounds depend on each token's list alone): batch-invariant
+    for kind, level in (("split", Level.BATCH_INVARIANT), ("exact", Level.EXACT)):
         backend.add("sparse_attention", sparse_attention.sparse_attention(kind), level, f"triton_{kind}")
         backend.add("hca_attention", sparse_attention.hca_attention(kind), level, f"triton_{kind}")
     backend.add("linear", linear.cublas_linear, Level.FAST, "cublas")

@@ -24,6 +24,7 @@ there is never visible). Slot `slots` (one past the last) is the scratch slot th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -171,8 +172,8 @@ class Step:
         if self.block_table is None:
             self.block_table = self.cache.block_table[self.slots]
 
-    @property
-    def positions(self) -> torch.Tensor:   # [b, s]
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:   # [b, s], computed once per step
         return self.start[:, None] + torch.arange(self.n_new, device=self.start.device)
 
 

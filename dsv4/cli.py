@@ -201,12 +201,15 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
               "(same bits).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of torch's CPU kernels. Default on CPU: 1 (the default model's ops are too small to "
+              "gain from splitting; docs/cpu.md); elsewhere torch's own choice.")
 @VERIFY
 @quiet_option
 @parallel_options
 @friendly_errors
 def run(model, preset, device, determinism, ops_config, op_overrides, prompts, prompt_ids, max_new_tokens,
-        temperature, top_p, seed, prefill_chunk, logits_out, eager, verify, quiet, nproc, dist_timeout):
+        temperature, top_p, seed, prefill_chunk, logits_out, eager, threads, verify, quiet, nproc, dist_timeout):
     """Generate text. With no arguments: the embedded default model on CPU, nothing downloaded.
 
     One prompt streams its completion; several prompts decode together as one batch and print in order."""
@@ -231,6 +234,10 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
     overrides = collect_overrides(op_overrides, ops_config)
     if ranks_launched(nproc, lambda: config.n_routed_experts):
         return
+    if threads or device.split(":")[0] == "cpu":
+        import torch
+
+        torch.set_num_threads(threads or 1)
     settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
                 "prompts": list(given), "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk}
@@ -599,8 +606,7 @@ def bench_layer(device, preset_name, batches, prefills, context, levels, json_ou
     if plot_out:
         from dsv4.benchmarks.plot import layer_decode_svg
 
-        with open(plot_out, "w") as f:
-            f.write(layer_decode_svg(result))
+        bench.write_text(layer_decode_svg(result), plot_out)
 
 
 @bench_group.command("model")
@@ -636,8 +642,7 @@ def bench_model(device, preset_name, layers, batches, contexts, long_contexts, p
     if plot_out:
         from dsv4.benchmarks.plot import model_decode_svg
 
-        with open(plot_out, "w") as f:
-            f.write(model_decode_svg(result))
+        bench.write_text(model_decode_svg(result), plot_out)
 
 
 @bench_group.command("moe")

@@ -264,7 +264,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, cache: LayerCache,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, s, _ = x.shape
-        ops, eps, W = self.ops, self.config.norm_eps, self.window
+        ops, eps = self.ops, self.config.norm_eps
         cos, sin = (t[step.positions] for t in rope)                            # [b, s, r]
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)

@@ -34,7 +34,7 @@ from dsv4.kernels import exact_math as em
 assert ATTENTION_CHUNK == 64, "the kernels below walk index lists in chunks of 64 slots"
 EXACT_HEADS = 4        # heads per program in the exact kernel
 EXACT_BLOCK_D = 32     # output columns per step of the exact value sum
-FAST_HEADS = 16        # heads per program in the fast kernel (the MMA's M)
+SPLIT_HEADS = 16        # heads per program in the split kernel (the MMA's M)
 SPLIT_CHUNKS = tl.constexpr(2)   # 64-slot chunks per split of the fast kernel: a token's list is shared out over
                                  # programs (flash-decoding); the split bounds depend on the list alone, never on the
                                  # batch, and empty splits add exact zeros, so the kernel stays batch-invariant
@@ -53,6 +53,20 @@ def _slots(idx_row, K, first, WIDTH: tl.constexpr, HCA: tl.constexpr, W, table_r
         block = tl.load(table_row + j // epb, mask=entry, other=0).to(tl.int64)
         return tl.where(p < W, window, tl.where(entry, pool_base + block * epb + j % epb, -1))
     return tl.load(idx_row + p, mask=p < K, other=-1)
+
+
+@triton.jit
+def _token_lists(token, S, fresh_ptr, F, D, idx_ptr, K, W, table_ptr, n_table, n_comp_ptr, HCA: tl.constexpr):
+    """What one token attends over: its sequence's fresh rows, its index list, its sequence's block-table row, its
+    number of compressed entries (HCA) and the length of its list (HCA: the window, then the entries; CSA: top-k)."""
+    seq = token // S
+    if HCA:
+        n_comp = tl.load(n_comp_ptr + token)
+        length = W + n_comp
+    else:
+        n_comp = 0
+        length = K
+    return fresh_ptr + seq * F * D, idx_ptr + token * K, table_ptr + seq * n_table, n_comp, length
 
 
 @triton.jit
@@ -89,18 +103,10 @@ def _exact_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
                   sink_ptr, acc_ptr, out_ptr, scale, S, H,
                   D: tl.constexpr, NOPE: tl.constexpr, HCA: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
-    seq = token // S
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     head_ok = heads < H
-    fresh_rows = fresh_ptr + seq * F * D
-    idx_row = idx_ptr + token * K
-    table_row = table_ptr + seq * n_table
-    if HCA:
-        n_comp = tl.load(n_comp_ptr + token)
-        length = W + n_comp
-    else:
-        n_comp = 0
-        length = K
+    fresh_rows, idx_row, table_row, n_comp, length = _token_lists(token, S, fresh_ptr, F, D, idx_ptr, K, W,
+                                                                  table_ptr, n_table, n_comp_ptr, HCA)
     q_rows = q_ptr + (token * H + heads) * D
     acc_rows = acc_ptr + (token * H + heads) * D
     cols64 = tl.arange(0, 64)
@@ -149,28 +155,20 @@ def _exact_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
 
 
 @triton.jit
-def _fast_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
+def _split_kernel(q_ptr, codes_ptr, scale_ptr, tail_ptr, n_stored, fresh_ptr, F,
                  idx_ptr, K, W, table_ptr, n_table, n_comp_ptr, pool_base, epb,
                  part_m_ptr, part_l_ptr, part_acc_ptr, scale, S, H, D, SPLITS,
                  NOPE: tl.constexpr, HCA: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr):
     """Split `split` of a token's index list (slots [split * 64 * SPLIT_CHUNKS, ...)): its running max, sum and value
     accumulator for a block of heads, in base-2 logits, written for `_combine_kernel`."""
     token = tl.program_id(0).to(tl.int64)          # 64-bit offsets: tensors may exceed 2^31 elements
-    seq = token // S
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     split = tl.program_id(2)
     head_ok = heads < H
     cols = tl.arange(0, BD)
     col_ok = cols < D
-    fresh_rows = fresh_ptr + seq * F * D
-    idx_row = idx_ptr + token * K
-    table_row = table_ptr + seq * n_table
-    if HCA:
-        n_comp = tl.load(n_comp_ptr + token)
-        length = W + n_comp
-    else:
-        n_comp = 0
-        length = K
+    fresh_rows, idx_row, table_row, n_comp, length = _token_lists(token, S, fresh_ptr, F, D, idx_ptr, K, W,
+                                                                  table_ptr, n_table, n_comp_ptr, HCA)
     q = tl.load(q_ptr + (token * H + heads)[:, None] * D + cols[None, :], mask=head_ok[:, None] & col_ok[None, :],
                 other=0.0)
     log2_scale = scale * em.LOG2E
@@ -264,16 +262,16 @@ def _launch(kind: str, q: torch.Tensor, kv: PagedRows, fresh: torch.Tensor, idx:
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(tokens, h, splits, d, dtype=torch.float32, device=q.device)
         block_d = triton.next_power_of_2(d)
-        _fast_kernel[(tokens, triton.cdiv(h, FAST_HEADS), splits)](
+        _split_kernel[(tokens, triton.cdiv(h, SPLIT_HEADS), splits)](
             *args[:-1], part_m, part_l, part_acc, scale, s, h, d, splits, NOPE=nope, HCA=hca is not None,
-            BH=FAST_HEADS, BD=block_d, UPCAST=INTERPRETED, num_warps=8,
+            BH=SPLIT_HEADS, BD=block_d, UPCAST=INTERPRETED, num_warps=8,
             num_stages=1)                                     # gathered rows: no multi-buffering (shared memory)
         _combine_kernel[(tokens * h,)](part_m, part_l, part_acc, args[-1], out, h, d, splits, BD=block_d)
     return out.view(b, s, h, d)
 
 
 def sparse_attention(kind: str):
-    """The registry kernel `sparse_attention` of the given kind ('fast' or 'exact')."""
+    """The registry kernel `sparse_attention` of the given kind ('split': tensor cores, flash-decoding splits, batch-invariant; 'exact')."""
     def run(q, kv, fresh, idx, sink, scale):
         return _launch(kind, q, kv, fresh, idx, sink, scale)
     run.__name__ = f"sparse_attention_{kind}"

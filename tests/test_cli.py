@@ -135,3 +135,16 @@ def test_unknown_determinism_level_is_refused():
 
 def test_missing_model_directory_is_named(tmp_path):
     _one_line_error(dsv4("run", "--model", str(tmp_path / "nowhere")), "nowhere")
+
+
+@pytest.mark.parametrize("flag, threads", [((), 1), (("--threads", "3"), 3)], ids=["cpu-default", "given"])
+def test_run_sets_the_cpu_threads(tiny_dir, monkeypatch, flag, threads):
+    from click.testing import CliRunner
+
+    from dsv4.cli import main
+
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    result = CliRunner().invoke(main, ["run", "--model", str(tiny_dir), "--max-new-tokens", "1", "--quiet", *flag])
+    assert result.exit_code == 0, result.output
+    assert chosen == [threads]

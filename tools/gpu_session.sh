@@ -4,7 +4,9 @@
 # Each stage has its own time limit; logs and JSON go to $OUT (the device tool brings them back).
 #
 # usage (from the repository root, wheels in .whl/: dsv4 built by `pip wheel --no-deps -w .whl .`, plus click; the
-# machine's own torch, triton and pytest are used):  OUT=/tmp/out COMMIT=... tools/gpu_session.sh [STAGE ...]
+# machine's own torch, triton and pytest are used):  OUT=/tmp/out COMMIT=... BUDGET=S tools/gpu_session.sh [STAGE ...]
+# BUDGET (seconds, default 570) bounds the whole call: a stage gets what is left of it at most, and a stage that
+# would start with less than 20 s left is skipped (said in the log), so the stages are listed in order of importance.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dsv4-gpu}
@@ -14,10 +16,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site
 dsv4=(python3 -P -m dsv4.cli)     # -P: the installed dsv4, not the checkout's dsv4/ folder (no backends/ inside)
 log="$OUT/session.log"
+BUDGET=${BUDGET:-570}
 stage() {   # stage NAME SECONDS COMMAND...: run it, time it, keep its output in the log
   local name=$1 limit=$2
   shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then echo "$name: skipped, ${left} s of the budget left" | tee -a "$log"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name" >> "$log"
   timeout "$limit" "$@" >> "$log" 2>&1
   echo "$name: exit $?, $((SECONDS - t0)) s"

@@ -202,7 +202,7 @@ def _hca_case(kind: str):
     return run
 
 
-for _kind in ("exact", "fast"):
+for _kind in ("exact", "split"):
     case(f"sparse_attention {_kind}")(_sparse_case(_kind))
     case(f"hca_attention {_kind}")(_hca_case(_kind))
 
