@@ -148,6 +148,17 @@ parallel_options = options(
                  "collective) before it gives up with an error."),
 )
 quiet_option = click.option("--quiet", is_flag=True, help="No progress on stderr.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="Threads of torch's CPU kernels. Default on CPU: 1 (the default model's ops are too small to gain from "
+         "splitting; docs/cpu.md); elsewhere torch's own choice.")
+
+
+def set_threads(threads: int | None, device: str) -> None:
+    if threads or device.split(":")[0] == "cpu":
+        import torch
+
+        torch.set_num_threads(threads or 1)
 model_option = click.option(
     "--model", type=click.Path(), default=None,
     help="Checkpoint directory (official safetensors layout), or a Hugging Face repo id (org/name[@revision]) "
@@ -201,9 +212,7 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
               "(same bits).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads of torch's CPU kernels. Default on CPU: 1 (the default model's ops are too small to "
-              "gain from splitting; docs/cpu.md); elsewhere torch's own choice.")
+@threads_option
 @VERIFY
 @quiet_option
 @parallel_options
@@ -234,10 +243,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
     overrides = collect_overrides(op_overrides, ops_config)
     if ranks_launched(nproc, lambda: config.n_routed_experts):
         return
-    if threads or device.split(":")[0] == "cpu":
-        import torch
-
-        torch.set_num_threads(threads or 1)
+    set_threads(threads, device)
     settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
                 "prompts": list(given), "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk}
@@ -486,10 +492,11 @@ SIZE = Checked("size", validate.byte_size)
 @click.option("--prefix-cache-size", type=SIZE, default="10GiB", show_default=True,
               help="Size cap of --prefix-cache-dir (least recently used files go first).")
 @click.option("--no-prefix-cache", is_flag=True, help="Compute every prompt from scratch (no reuse, no files).")
+@threads_option
 @VERIFY
 @friendly_errors
 def serve(model, preset, device, determinism, ops_config, op_overrides, host, port, max_batch, max_queue,
-          kv_cache_memory, prefix_cache_dir, prefix_cache_size, no_prefix_cache, verify):
+          kv_cache_memory, prefix_cache_dir, prefix_cache_size, no_prefix_cache, threads, verify):
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health) with
     continuous batching and a prefix cache; at batch-invariant and exact, a request's bits do not depend on the
     load. docs/serve.md."""
@@ -502,6 +509,7 @@ def serve(model, preset, device, determinism, ops_config, op_overrides, host, po
     def warn(message: str) -> None:
         click.echo(f"warning: {one_line(message)}", err=True)
 
+    set_threads(threads, device)
     service = app.load_service(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
                                verify, max_batch, max_queue, kv_cache_memory, prefix_cache_dir, prefix_cache_size,
                                not no_prefix_cache, warn)
