@@ -2,6 +2,7 @@
 a client that disconnects, and every bad input answered with a 4xx OpenAI error while the server keeps serving."""
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -165,7 +166,7 @@ def test_chat_without_a_template_is_a_clear_400(narrow):
     assert "no chat template" in e.value.body["message"]
 
 
-def test_embedded_model_serves_completions_with_no_arguments(narrow):
+def test_embedded_model_serves_completions_without_a_model_argument(narrow):
     r = narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=3)
     assert r.usage.completion_tokens == 3
 
@@ -177,14 +178,30 @@ def test_a_request_that_can_never_fit_the_kv_memory_is_refused_at_once(narrow):
     assert "KV cache blocks" in e.value.body["message"] and narrow.health()["waiting"] == 0
 
 
+def cancelled(health: dict) -> int:
+    return health["finished"].get("cancelled", 0)
+
+
 def test_disconnecting_client_frees_its_slot_and_blocks(narrow):
-    total = narrow.health()["total_blocks"]
+    total, before = narrow.health()["total_blocks"], cancelled(narrow.health())
     stream = narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=600, stream=True)
     next(iter(stream))
     assert narrow.health()["running"] == 1 and narrow.health()["free_blocks"] < total
     stream.close()
-    narrow.wait_until(lambda h: h["running"] == 0 and h["free_blocks"] == total, "the slot and blocks given back")
+    health = narrow.wait_until(lambda h: h["running"] == 0, "the request ended")
+    assert cancelled(health) == before + 1 and health["free_blocks"] == total
     assert narrow.client.completions.create(model="default", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_client_gone_before_its_whole_answer_frees_its_slot_and_blocks(narrow):
+    total, before = narrow.health()["total_blocks"], cancelled(narrow.health())
+    conn = http.client.HTTPConnection("127.0.0.1", narrow.port)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "default", "prompt": PROMPT, "max_tokens": 600}),
+                 {"Content-Type": "application/json"})
+    narrow.wait_until(lambda h: h["running"] == 1, "the request running")
+    conn.close()
+    health = narrow.wait_until(lambda h: h["running"] == 0, "the request ended")
+    assert cancelled(health) == before + 1 and health["free_blocks"] == total
 
 
 def test_requests_over_the_queue_bound_get_a_429(narrow):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -131,6 +131,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._lock = threading.Condition()
         self._closed = False
+        self.finished: Counter[str] = Counter()      # requests ended, by reason ("stop", "length", "cancelled")
         self._thread = threading.Thread(target=self._loop, name="dsv4-scheduler", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -188,7 +189,7 @@ class Scheduler:
                 "cached_blocks": len(self.prefix.nodes) if self.prefix else 0,
                 "prefix_cache": self.prefix.stats.as_dict() if self.prefix else None,
                 "disk_cache": self.prefix is not None and self.prefix.store is not None
-                and self.prefix.store.enabled}
+                and self.prefix.store.enabled, "finished": dict(self.finished)}
 
     # -- the engine thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -201,6 +202,7 @@ class Scheduler:
                 for job in cancelled:
                     self._waiting.remove(job)
             for job in cancelled:
+                self.finished["cancelled"] += 1
                 job.emit(Finished("cancelled", len(job.request.prompt), 0, 0))
             for job in [j for j in self._running if j.cancelled]:
                 self._finish(job, "cancelled")
@@ -322,6 +324,7 @@ class Scheduler:
             self._running.remove(job)
 
     def _finish(self, job: Job, reason: str) -> None:
+        self.finished[reason] += 1        # counted before the job leaves `running`, so /health never lags
         self._release(job)
         job.emit(Finished(reason, len(job.request.prompt), job.cached, len(job.tokens)))
 
