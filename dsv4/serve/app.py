@@ -137,12 +137,12 @@ def _checked(fn: Callable[[], Any], param: str) -> Any:
 
 async def _respond(service: Service, http: HTTPRequest, body: Common, ids: list[int], max_tokens: int | None,
                    top_logprobs: int | None, chat: bool):
-    if max_tokens is None or max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     context = service.pipe.config.max_seq_len
     if len(ids) >= context:
         raise APIError(400, f"the prompt is {len(ids)} tokens; the context is {context}, so at most {context - 1} "
                             f"leave room for a new token", "prompt")
+    if max_tokens is None or max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     stop = body.stop_strings()
     request = Request(ids, max_tokens, body.temperature, body.top_p, prompt_key([body.seed or 0] + ids))
     loop = asyncio.get_running_loop()
