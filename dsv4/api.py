@@ -71,6 +71,12 @@ def _checkpoint_dir(model: str | Path | None, preset: str | None) -> Path | None
     return DEFAULT_MODEL if model is None else validate.directory(resolve_model(model), "model directory")
 
 
+def checkpoint_path(model: str | Path | None = None, preset: str | None = None) -> Path:
+    """The checkpoint directory `load` reads (a preset's random checkpoint is written first if needed)."""
+    path = _checkpoint_dir(model, preset)
+    return preset_checkpoint(preset) if path is None else path
+
+
 def checkpoint_config(model: str | Path | None = None, preset: str | None = None) -> ModelConfig:
     """The config `load` would use, without reading or writing any weights."""
     path = _checkpoint_dir(model, preset)

@@ -179,13 +179,17 @@ class Step:
 
 
 class BlockAllocator:
-    """Physical cache blocks 1 .. n-1 (block 0 is the null block), handed out and taken back on the host."""
+    """Physical cache blocks 1 .. n-1 (block 0 is the null block), handed out and taken back on the host.
+
+    A block may have several owners (a slot, and the prefix cache that shares it with later slots: dsv4.serve):
+    each owner holds one reference, and the block is free again when the last one gives it back."""
 
     def __init__(self, n_blocks: int):
         if n_blocks < 2:
             raise DSV4Error(f"the KV cache needs at least 2 blocks (one is the null block), got {n_blocks}")
         self.n_blocks = n_blocks
         self._free = list(range(n_blocks - 1, 0, -1))     # pop() hands out the lowest id first
+        self._refs = [0] * n_blocks
 
     @property
     def free(self) -> int:
@@ -195,10 +199,27 @@ class BlockAllocator:
         if n > len(self._free):
             raise DSV4Error(f"the KV cache is full: {n} more block(s) of {CACHE_BLOCK} positions needed, "
                             f"{len(self._free)} free of {self.n_blocks - 1}; give it more memory or fewer sequences")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
+
+    def hold(self, blocks: list[int]) -> None:
+        """One more owner for blocks already handed out."""
+        for block in blocks:
+            self._refs[block] += 1
+
+    def owners(self, block: int) -> int:
+        return self._refs[block]
 
     def give_back(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block; a block nobody holds any more is free."""
+        freed = []
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                freed.append(block)
+        self._free.extend(reversed(freed))
 
 
 class KVCache:
@@ -256,6 +277,47 @@ class KVCache:
             for state in (layer.compressor, layer.indexer):
                 if state is not None:
                     state.reset(slot)
+
+    # -- prefix sharing (dsv4.serve.prefix): a slot may start from blocks and state another sequence left behind --
+    def share(self, slot: int, index: int, block: int) -> None:
+        """Make `block` (a complete block of a shared prefix, one more reference to it) the slot's logical block
+        `index`, in place of the one it had there (given back) or as its next one. A sequence never writes into
+        blocks before its first new position, so sharing is safe."""
+        self.allocator.hold([block])
+        have = self._blocks[slot]
+        if index < len(have):
+            self.allocator.give_back([have[index]])
+            have[index] = block
+        else:
+            assert index == len(have), "a shared block follows the slot's blocks"
+            have.append(block)
+        self.block_table[slot, index] = block
+
+    def slot_state(self, slot: int) -> list[torch.Tensor]:
+        """Views of what `slot` keeps outside its blocks that a continuation from a block boundary reads, layer by
+        layer: the window ring rows (codes, scales, RoPE dims) and, for the overlapping (CSA) compressors, the
+        previous compression block's rows and scores. At a boundary the current compression block is empty (every
+        ratio divides CACHE_BLOCK), so its state rows are never read before they are written again."""
+        views = []
+        for ratio, layer in zip(self.config.compress_ratios, self.layers):
+            ring = slice(slot * layer.window, (slot + 1) * layer.window)
+            views += [layer.kv.codes[ring], layer.kv.scale[ring], layer.kv.tail[ring]]
+            if ratio == CSA_RATIO:
+                for state in (layer.compressor, layer.indexer):
+                    views += [state.kv[slot, :ratio], state.score[slot, :ratio]]
+        return views
+
+    def block_rows(self, block: int) -> list[torch.Tensor]:
+        """Views of physical block `block`'s pool rows in every layer: compressed KV entries and indexer keys."""
+        views = []
+        for layer in self.layers:
+            stores = [layer.kv] if layer.compressor is not None else []
+            stores += [layer.indexer.entries] if layer.indexer is not None else []
+            for store in stores:
+                rows = slice(store.pool_base + block * store.entries_per_block,
+                             store.pool_base + (block + 1) * store.entries_per_block)
+                views += [store.codes[rows], store.scale[rows], store.tail[rows]]
+        return views
 
     def table_width(self, length: int) -> int:
         """Block-table columns a step over sequences of up to `length` positions reads: the blocks they cover, rounded

@@ -148,6 +148,17 @@ parallel_options = options(
                  "collective) before it gives up with an error."),
 )
 quiet_option = click.option("--quiet", is_flag=True, help="No progress on stderr.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="Threads of torch's CPU kernels. Default on CPU: 1 (the default model's ops are too small to gain from "
+         "splitting; docs/cpu.md); elsewhere torch's own choice.")
+
+
+def set_threads(threads: int | None, device: str) -> None:
+    if threads or device.split(":")[0] == "cpu":
+        import torch
+
+        torch.set_num_threads(threads or 1)
 model_option = click.option(
     "--model", type=click.Path(), default=None,
     help="Checkpoint directory (official safetensors layout), or a Hugging Face repo id (org/name[@revision]) "
@@ -204,9 +215,7 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
 @click.option("--speculate", type=click.IntRange(min=0), default=0, show_default=True,
               help="Draft up to N tokens a step with the MTP block and verify them in one step: the same tokens "
                    "at batch-invariant and exact, faster (docs/speculative.md).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads of torch's CPU kernels. Default on CPU: 1 (the default model's ops are too small to "
-              "gain from splitting; docs/cpu.md); elsewhere torch's own choice.")
+@threads_option
 @VERIFY
 @quiet_option
 @parallel_options
@@ -239,10 +248,7 @@ def run(model, preset, device, determinism, ops_config, op_overrides, prompts, p
     overrides = collect_overrides(op_overrides, ops_config)
     if ranks_launched(nproc, lambda: config.n_routed_experts):
         return
-    if threads or device.split(":")[0] == "cpu":
-        import torch
-
-        torch.set_num_threads(threads or 1)
+    set_threads(threads, device)
     settings = {"model": model, "preset": preset, "device": device, "determinism": determinism, "ops": overrides,
                 "prompts": list(given), "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "seed": seed, "prefill_chunk": prefill_chunk, "speculate": speculate}
@@ -475,6 +481,50 @@ def evaluate(model, preset, backend, device, determinism, ops_config, op_overrid
 
 
 # -- benchmarks: `dsv4 bench <what>`; each benchmark is a subcommand of this group (the code: dsv4.benchmarks) ------
+SIZE = Checked("size", validate.byte_size)
+
+
+@main.command()
+@model_option
+@click.option("--preset", default=None, help="Serve a preset's randomly initialised checkpoint (tiny, small, ...).")
+@backend_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Requests decoding at once (cache slots). [default: the model config's max_batch_size]")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests that may wait for a slot; more are refused with 429.")
+@click.option("--kv-cache-memory", type=SIZE, default=None,
+              help="Memory for the paged KV cache blocks, e.g. 4GiB. [default: a full context per slot]")
+@click.option("--prefix-cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Persist cached prompt prefixes here, so they survive a restart.")
+@click.option("--prefix-cache-size", type=SIZE, default="10GiB", show_default=True,
+              help="Size cap of --prefix-cache-dir (least recently used files go first).")
+@click.option("--no-prefix-cache", is_flag=True, help="Compute every prompt from scratch (no reuse, no files).")
+@threads_option
+@VERIFY
+@friendly_errors
+def serve(model, preset, device, determinism, ops_config, op_overrides, host, port, max_batch, max_queue,
+          kv_cache_memory, prefix_cache_dir, prefix_cache_size, no_prefix_cache, threads, verify):
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health) with
+    continuous batching and a prefix cache; at batch-invariant and exact, a request's bits do not depend on the
+    load. docs/serve.md."""
+    try:
+        from dsv4.serve import app
+    except ImportError as e:
+        raise DSV4Error(f"dsv4 serve needs the serve extra ({e.name} is missing): pip install 'dsv4[serve]'") from None
+    from dsv4.backends.registry import collect_overrides
+
+    def warn(message: str) -> None:
+        click.echo(f"warning: {one_line(message)}", err=True)
+
+    set_threads(threads, device)
+    service = app.load_service(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
+                               verify, max_batch, max_queue, kv_cache_memory, prefix_cache_dir, prefix_cache_size,
+                               not no_prefix_cache, warn)
+    app.run(service, host, port, lambda line: click.echo(line, err=True))
+
+
 @main.group("bench")
 def bench_group() -> None:
     """Benchmarks of dsv4's kernels and collectives, with the hardware limits measured in the same run."""
@@ -482,6 +532,44 @@ def bench_group() -> None:
 
 json_option = click.option("--json", "json_out", type=OUTPUT_FILE, default=None, help="Also write JSON here.")
 bench_options = options(*bench.SHARED, json_option, quiet_option)
+
+
+@bench_group.command("serve")
+@model_option
+@click.option("--preset", default=None, help="Serve a preset's randomly initialised checkpoint instead.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--determinism", type=click.Choice(LEVEL_NAMES), default="exact", show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, help="The server's --max-batch.")
+@click.option("--requests", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests in flight at once.")
+@click.option("--shared-prefixes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Distinct long prefixes the requests share (request i takes prefix i mod this).")
+@click.option("--prefix-words", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Length of each shared prefix, in random words (about 6 tokens each on the byte-level "
+                   "default model).")
+@click.option("--suffix-words", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Each request's own words after its prefix.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--probes", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Single requests timed for each of cold, memory-hit and disk-hit TTFT (medians).")
+@json_option
+@quiet_option
+@friendly_errors
+def bench_serve(model, preset, device, determinism, max_batch, requests, concurrency, shared_prefixes, prefix_words,
+                suffix_words, max_tokens, probes, json_out, quiet):
+    """Throughput, TTFT and TPOT (p50/p99), prefix-cache hit rate, and TTFT cold vs memory hit vs disk hit after a
+    restart, of a `dsv4 serve` this command starts on a free local port."""
+    import dsv4.benchmarks.serve as serve_bench
+
+    args = ["--device", device, "--determinism", determinism, "--max-queue", str(max(requests, 1))]
+    args += ["--model", model] if model else []
+    args += ["--preset", preset] if preset else []
+    args += ["--max-batch", str(max_batch)] if max_batch else []
+    result = serve_bench.run(args, requests, concurrency, shared_prefixes, prefix_words, suffix_words, max_tokens,
+                             probes, bench.say(quiet))
+    click.echo(serve_bench.table(result))
+    bench.write_json(result, json_out)
 
 
 @bench_group.command("ops")

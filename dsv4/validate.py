@@ -55,6 +55,18 @@ def number(value: Any, name: str, minimum: float | None = None, maximum: float |
     return float(value)
 
 
+BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+              "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def byte_size(text: Any) -> int:
+    """A size in bytes from text like 4096, 512MiB, 2GB or 1.5G (decimal k/M/G/T, binary Ki/Mi/Gi/Ti; B optional)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise DSV4Error(f"{text!r} is not a size such as 4096, 512MiB or 2GB")
+    return int(float(match[1]) * BYTE_UNITS[(match[2] or "").lower()])
+
+
 def seed(value: Any) -> int:
     return integer(value, "seed", 0, SEED_LIMIT)
 
