@@ -33,20 +33,23 @@ STAGES="$*"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${COMMIT:-unknown}"; date -u; } | tee -a "$log"
 
-wanted kernels && stage kernels 240 python3 -P -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k gpu \
+wanted kernels && stage kernels 200 python3 -P -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k gpu \
   tests/test_graphs.py
-wanted verify && stage verify 240 "${dsv4[@]}" verify --backend cuda --level exact --report "$OUT/cuda-exact.json" --quiet
+wanted verify && stage verify 200 "${dsv4[@]}" verify --backend cuda --level exact --report "$OUT/cuda-exact.json" --quiet
 wanted verify && stage compare 30 "${dsv4[@]}" compare docs/conformance/cpu-exact.json "$OUT/cuda-exact.json"
-wanted verify-invariant && stage verify-invariant 200 "${dsv4[@]}" verify --backend cuda --level batch-invariant \
+wanted speculate && stage speculate 120 python3 -P -m pytest -q -p no:cacheprovider -m cuda tests/test_speculative.py
+wanted verify-invariant && stage verify-invariant 150 "${dsv4[@]}" verify --backend cuda --level batch-invariant \
   --report "$OUT/cuda-batch-invariant.json" --quiet
 wanted run && for level in fast batch-invariant exact; do   # the first run of a level compiles its kernels
-  stage "run-$level-compile" 90 "${dsv4[@]}" run --device cuda --determinism "$level" --max-new-tokens 16 --quiet
-  stage "run-$level" 60 "${dsv4[@]}" run --device cuda --determinism "$level" --max-new-tokens 256 --quiet
+  stage "run-$level-compile" 45 "${dsv4[@]}" run --device cuda --determinism "$level" --max-new-tokens 16 --quiet
+  stage "run-$level" 45 "${dsv4[@]}" run --device cuda --determinism "$level" --max-new-tokens 256 --quiet
 done
-wanted layer && stage layer 240 "${dsv4[@]}" bench layer --batches 1,16,64 --prefills "" --json "$OUT/layer.json" --quiet
-wanted model && stage model 300 "${dsv4[@]}" bench model --layers 8 --batches 1,16,64 --long-contexts "" --prefill 0 \
-  --json "$OUT/model.json" --quiet
-wanted speculate && stage speculate 240 python3 -P -m pytest -q -p no:cacheprovider -m cuda tests/test_speculative.py
-wanted speculate-bench && stage speculate-bench 420 "${dsv4[@]}" bench speculate --device cuda \
-  --levels fast,batch-invariant,exact --batches 1,4,16 --speculate 1,2 --repeats 2 --json "$OUT/speculate.json"
+wanted layer && stage layer 150 "${dsv4[@]}" bench layer --batches 1,64 --prefills "" --json "$OUT/layer.json" --quiet
+wanted model && stage model 150 "${dsv4[@]}" bench model --layers 4 --batches 1,16,64 --long-contexts 1048576 \
+  --prefill 0 --json "$OUT/model.json" --quiet
+# the server runs as `python -m dsv4.cli serve`: from outside the checkout, so that the installed dsv4 is imported
+wanted serve-bench && stage serve-bench 90 env -C /tmp "${dsv4[@]}" bench serve --device cuda \
+  --determinism batch-invariant --max-batch 16 --requests 32 --concurrency 16 --json "$OUT/serve.json"
+wanted speculate-bench && stage speculate-bench 120 "${dsv4[@]}" bench speculate --device cuda \
+  --levels fast,batch-invariant,exact --batches 1,4,16 --speculate 1 --repeats 1 --json "$OUT/speculate.json"
 grep -E "passed|failed|error|difference|tok/s|FAILED|OK$|Traceback" "$log" | tail -40
