@@ -74,8 +74,9 @@ def step_bytes(model: Transformer, batch: int, context: int) -> int:
 def _decode_seconds(engine: Engine, batch: int, context: int) -> float:
     """Median wall seconds of a decode step of `batch` sequences at position `context`."""
     slots = list(range(batch))
-    for slot in slots:
+    for slot in range(engine.max_batch):      # every slot: an earlier, larger batch's sequences give back their blocks
         engine.cache.reset(slot)
+    for slot in slots:
         engine.cache.reserve(slot, context + DECODE_STEPS + 1)
     fill_cache(engine.cache)
     requests = [Request([0], request_id=i) for i in slots]

@@ -181,6 +181,8 @@ def grouped_quant_linear(x: torch.Tensor, counts: torch.Tensor, weight: torch.Te
         if count:
             parts.append(F.linear(xq[start:start + count], w[e]))
             start += count
+    if not parts:       # none of these experts was hit (a rank of expert parallelism may hold only such experts)
+        return x.new_zeros(0, w.shape[1], dtype=torch.bfloat16)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.bfloat16)
 
 

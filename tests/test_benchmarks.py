@@ -63,6 +63,7 @@ def test_layer_plot_draws_one_line_per_level_and_the_floor_for_each_layer_kind()
 def test_model_benchmark_decodes_a_random_stack_and_counts_the_bytes_a_step_reads():
     from dsv4.benchmarks import model as bench_model
     from dsv4.benchmarks.layer import randomise
+    from dsv4.cache import blocks_for
     from dsv4.engine import Engine
     from dsv4.model import Transformer
 
@@ -71,8 +72,13 @@ def test_model_benchmark_decodes_a_random_stack_and_counts_the_bytes_a_step_read
     with torch.device("cpu"):
         stack = Transformer(config, default_registry().resolve("cpu", "fast"))
     randomise(stack, config)
-    engine = Engine(stack, torch.device("cpu"), max_batch=2)
-    assert bench_model._decode_seconds(engine, 2, 200) > 0
+    # a cache sized as run() sizes it, for the largest point alone: a batch-1 long context after a batch of two
+    # fits only if the batch's sequences gave their blocks back
+    points = [(2, 200), (1, 280)]
+    blocks = max(b * blocks_for(c + bench_model.DECODE_STEPS + 2) for b, c in points) + 1
+    engine = Engine(stack, torch.device("cpu"), max_batch=2, cache_blocks=blocks)
+    for batch, context in points:
+        assert bench_model._decode_seconds(engine, batch, context) > 0
     more_context = bench_model.step_bytes(stack, 1, 280) - bench_model.step_bytes(stack, 1, 40)
     more_batch = bench_model.step_bytes(stack, 2, 40) - bench_model.step_bytes(stack, 1, 40)
     assert more_context > 0 and more_batch > 0

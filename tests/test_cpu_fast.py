@@ -113,3 +113,13 @@ def test_verify_of_the_cpu_backend_at_fast_passes():
     report = verify("cpu", "cpu", Level.FAST)
     assert report.ok, [f"{c.name}: {c.detail}" for c in report.checks if c.status == "fail"]
     assert all(report.kernels[op].startswith("cpu:torch_fast") for op in fast.KERNELS)
+
+
+def test_grouped_gemm_with_no_row_for_any_expert_gives_an_empty_output():
+    """A rank of expert parallelism may hold only experts no token hit: zero rows out, not an error."""
+    experts, out_features, in_features = 2, 128, 128
+    weight = torch.zeros(experts, out_features, in_features, dtype=torch.float8_e4m3fn)
+    scale = torch.ones(experts, 1, 1)
+    y = fast.grouped_quant_linear(torch.zeros(0, in_features, dtype=torch.bfloat16), torch.zeros(experts,
+                                  dtype=torch.int64), weight, scale)
+    assert y.shape == (0, out_features) and y.dtype == torch.bfloat16
