@@ -4,13 +4,14 @@ Each request is prefilled on its own (optionally in chunks), then all live reque
 step, each at its own position. Sampling draws from a counter-based generator keyed by (seed, request id, position),
 so a request's tokens do not depend on which other requests share its batch.
 
-On a GPU a decode step runs as a CUDA graph: the batch is padded to a bucket size (a power of two, rows of the
-cache's scratch slot), and each bucket's whole step (every layer, the head and sampling) is captured once and
-replayed. Eager execution (`graphs=False`) pads the same way, so replay and eager give the same bits at every
+On a GPU a decode step runs as a CUDA graph (dsv4.steps): the batch is padded to a bucket size (a power of two,
+rows of the cache's scratch slot), and each bucket's whole step (every layer, the head and sampling) is captured once
+and replayed. Eager execution (`graphs=False`) pads the same way, so replay and eager give the same bits at every
 level. On the CPU, steps run eagerly at their own size.
 
-With `speculate=N` the MTP block drafts up to N tokens per sequence and one main-model step verifies them
-(dsv4.speculative); the tokens are those of plain decoding wherever verification is bit-identical to it.
+With `speculate=N` the MTP block drafts up to N tokens per sequence and one main-model step verifies them, a round
+that is captured and replayed like a decode step (dsv4.speculative); the tokens are those of plain decoding wherever
+verification is bit-identical to it.
 """
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from dsv4 import validate
 from dsv4.cache import KVCache, Step
 from dsv4.diagnose import NonFiniteLogits, non_finite_error
-from dsv4.errors import DSV4Error
+from dsv4.steps import Rows, StepGraph, sampling_settings
 from dsv4.model import Transformer
 from dsv4.speculative import Emit, Speculator
 
@@ -70,6 +71,7 @@ def prompt_key(prompt: list[int]) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+StepOutputs = TypeVar("StepOutputs")
 TokenCallback = Callable[[int, int], None]          # (index of the request, new token id)
 ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -78,61 +80,6 @@ def bucket_sizes(max_batch: int) -> list[int]:
     """Decode batch buckets: powers of two up to max_batch, and max_batch itself."""
     sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
     return sizes + [max_batch]
-
-
-class DecodeGraph:
-    """One bucket's decode step (model, head, sampling) captured as a CUDA graph over static input buffers, for a
-    batch size and a block-table width (dsv4.cache.KVCache.table_width)."""
-
-    def __init__(self, engine: "Engine", batch: int, width: int, pool):
-        dev = engine.device
-        self.engine, self.width = engine, width
-        self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
-        self.start = torch.zeros(batch, dtype=torch.int64, device=dev)
-        self.slots = torch.full((batch,), engine.cache.scratch_slot, dtype=torch.int64, device=dev)
-        self.temperature = torch.zeros(batch, device=dev)
-        self.top_p = torch.ones(batch, device=dev)
-        self.request = torch.zeros(batch, dtype=torch.int64, device=dev)
-        # Warm up (compiles kernels, builds RoPE tables) and capture with every row on the scratch slot, so neither
-        # touches a live sequence's cache.
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            self._step()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.logits, self.sampled = self._step()
-        except RuntimeError as e:
-            raise DSV4Error(f"the decode step cannot be captured as a CUDA graph ({str(e).splitlines()[0]}); "
-                            f"a kernel of this op table synchronises with the host: run with --eager") from None
-
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [b, vocab], [2, b]: the sampled tokens and whether each row's logits are finite)."""
-        e = self.engine
-        step = Step(start=self.start, slots=self.slots, cache=e.cache, n_new=1,
-                    block_table=e.cache.block_table[self.slots, :self.width])
-        logits = e.model(self.tokens, step)[0][:, -1]
-        finite = torch.isfinite(logits).all(dim=-1)
-        tokens = e.model.ops.sample(torch.where(finite[:, None], logits, 0.0), self.temperature, self.top_p, e.seed,
-                                    self.request, self.start + 1)
-        return logits, torch.stack([tokens, finite.to(tokens.dtype)])
-
-    def __call__(self, slots, tokens, start, requests) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay for these rows: ([2, n] sampled tokens and finiteness flags, logits [n, vocab])."""
-        n = len(slots)
-        pad = self.slots.shape[0] - n
-        scratch = self.engine.cache.scratch_slot
-        as_long = dict(dtype=torch.int64)
-        self.slots.copy_(torch.tensor(list(slots) + [scratch] * pad, **as_long))
-        self.tokens.copy_(torch.tensor(list(tokens) + [0] * pad, **as_long)[:, None])
-        self.start.copy_(torch.tensor(list(start) + [0] * pad, **as_long))
-        self.temperature.copy_(torch.tensor([r.temperature for r in requests] + [0.0] * pad))
-        self.top_p.copy_(torch.tensor([r.top_p for r in requests] + [1.0] * pad))
-        self.request.copy_(torch.tensor([r.request_id for r in requests] + [0] * pad, **as_long))
-        self.graph.replay()
-        return self.sampled[:, :n], self.logits[:n]
 
 
 class Engine:
@@ -151,7 +98,7 @@ class Engine:
         on_gpu = self.device.type == "cuda" and not any(getattr(b.ffn, "group", None) for b in model.layers)
         self.buckets = bucket_sizes(self.max_batch) if on_gpu else None
         self.graphs = on_gpu if graphs is None else graphs and on_gpu
-        self._graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self._graphs: dict[tuple, StepGraph] = {}
         self._graph_pool = None
         self.speculator = Speculator(self, speculate) if speculate else None
 
@@ -194,20 +141,37 @@ class Engine:
     def sample(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> list[int]:
         """One token per row. Rows whose logits hold NaN or Inf raise NonFiniteLogits: their finiteness is read in
         the same host transfer as the tokens (no extra synchronisation), and the sampler gets zeros in their place."""
-        return _checked(self.draw(logits, requests, positions))
+        settings = (t.to(logits.device) for t in sampling_settings(requests))
+        return _checked(self.draw(logits, *settings, torch.tensor(positions, device=logits.device)))
 
-    def draw(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> torch.Tensor:
-        """[2, rows]: the token sampled from each row of logits for its request at its position (zeros in place of
-        non-finite logits), and whether the row was finite; on the device, nothing read yet."""
-        ops = self.model.ops
-        dev = logits.device
+    def draw(self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, request: torch.Tensor,
+             positions: torch.Tensor) -> torch.Tensor:
+        """[2, rows]: the token sampled from each row of logits with its settings and request id at its position
+        (zeros in place of non-finite logits), and whether the row was finite; on the device, nothing read yet."""
         finite = torch.isfinite(logits).all(dim=-1)
-        tokens = ops.sample(torch.where(finite[:, None], logits.float(), 0.0),
-                            torch.tensor([r.temperature for r in requests], device=dev),
-                            torch.tensor([r.top_p for r in requests], device=dev), self.seed,
-                            torch.tensor([r.request_id for r in requests], device=dev),
-                            torch.tensor(positions, device=dev))
+        tokens = self.model.ops.sample(torch.where(finite[:, None], logits.float(), 0.0), temperature, top_p,
+                                       self.seed, request, positions)
         return torch.stack([tokens, finite.to(tokens.dtype)])
+
+    def rows(self, tokens: list[list[int]], start: list[int], slots: list[int], requests: list[Request],
+             left: list[int] | None = None) -> Rows:
+        """A step's rows, padded to the smallest bucket that holds them (on a GPU; unpadded on the CPU)."""
+        size = len(slots) if self.buckets is None else next(b for b in self.buckets if b >= len(slots))
+        return Rows.of(tokens, start, slots, requests, size, self.cache.scratch_slot, left)
+
+    def run(self, key: tuple, step: Callable[[Rows], StepOutputs], rows: Rows) -> StepOutputs:
+        """step(rows) on the device: replayed from the CUDA graph captured for (key, the rows' batch size) when graphs
+        are on, else eagerly. A step reads only device tensors (no host synchronisation), so it can be captured."""
+        if not self.graphs:
+            return step(rows.to(self.device))
+        key = (*key, rows.slots.shape[0])
+        graph = self._graphs.get(key)
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = self._graphs[key] = StepGraph(step, rows.idle(self.cache.scratch_slot), self._graph_pool,
+                                                  self.device)
+        return graph(rows)
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], start: list[int],
@@ -216,24 +180,18 @@ class Engine:
         token of each (sampled with its request's settings at position start[i] + 1) and the logits [b, vocab]."""
         for slot, first in zip(slots, start):
             self.cache.reserve(slot, first + 1)
-        if self.buckets is None:
-            logits = self.forward(torch.tensor(tokens)[:, None], start, slots)[:, -1]
-            return self.sample(logits, requests, [p + 1 for p in start]), logits
-        size = next(b for b in self.buckets if b >= len(slots))
-        if self.graphs:
-            key = (size, self.cache.table_width(max(start) + 1))
-            graph = self._graphs.get(key)
-            if graph is None:
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                graph = self._graphs[key] = DecodeGraph(self, *key, self._graph_pool)
-            sampled, logits = graph(slots, tokens, start, requests)
-            return _checked(sampled), logits
-        pad = size - len(slots)
-        scratch = [self.cache.scratch_slot] * pad
-        logits = self.forward(torch.tensor(list(tokens) + [0] * pad)[:, None], list(start) + [0] * pad,
-                              list(slots) + scratch)[:len(slots), -1]
-        return self.sample(logits, requests, [p + 1 for p in start]), logits
+        width = self.cache.table_width(max(start) + 1)
+        rows = self.rows([[t] for t in tokens], start, slots, requests)
+        sampled, logits = self.run(("decode", width), functools.partial(self._decode_step, width=width), rows)
+        return _checked(sampled[:, :len(slots)]), logits[:len(slots)]
+
+    def _decode_step(self, rows: Rows, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([2, b]: the sampled tokens and whether each row's logits are finite, logits [b, vocab]) of one token per
+        row, reading `width` block-table columns."""
+        step = Step(start=rows.start, slots=rows.slots, cache=self.cache, n_new=1,
+                    block_table=self.cache.block_table[rows.slots, :width])
+        logits = self.model(rows.tokens, step)[0][:, -1]
+        return self.draw(logits, *rows.sampling(), rows.start + 1), logits
 
     def generate(self, requests: list[Request], on_token: TokenCallback | None = None,
                  record_logits: bool = False, progress: ProgressCallback | None = None) -> list[Result]:

@@ -1,20 +1,26 @@
 """Speculative decoding with the MTP block: it drafts up to N tokens per sequence, one main-model step verifies them
 all, and the cache is rolled back exactly past the first rejection. It changes nothing but the speed.
 
-A round, for a sequence whose last emitted token x_p sits at position p (the main model has read 0 .. p-1):
-1. The MTP block catches up: it reads (main streams h_q, token x_q+1) at MTP position q for every q it has not read
-   yet (the whole prompt after prefill, then the positions the last verification kept); its last logits draft
-   d_p+1.
-2. Further drafts chain through the block's own output streams: (h', d_p+j) at MTP position p+j-1 drafts d_p+j+1.
-   These steps' cache rows are rolled back afterwards; step 1 of the next round writes those positions again from
-   the main model's streams.
-3. The main model reads x_p, d_p+1 .. d_p+k at positions p .. p+k in one step and draws a token at each with the
-   key plain decoding draws it with, (seed, request, position). A draft is accepted iff it equals the main model's
-   own token there; the accepted drafts and the main model's token after them are emitted (1 .. k+1 tokens).
-4. Rollback (`Rollback`): the window-ring rows of the rejected positions get back what they held, and every
-   compressor's open-block state gets back its rows and is fed the kept positions' rows the way one-token decode
-   steps feed them, so the cache is the one plain decoding leaves. Compressed entries written for rejected positions
-   belong to blocks that are not complete: no query reads them, and they are written again once complete.
+A round, for a sequence whose last emitted token x_p sits at position p (the main model and the MTP block have read
+positions 0 .. p-1; the MTP block reads main streams h_q and token x_q+1 at its position q), with drafts d_p+1 ..
+d_p+k:
+1. Verify: the main model reads x_p, d_p+1 .. d_p+k at positions p .. p+k in one step and draws a token t at each
+   with the key plain decoding draws it with, (seed, request, position). A draft is accepted iff it equals the main
+   model's own token there (and so do the drafts before it); the a accepted drafts and the token after them are
+   emitted (1 .. k+1 tokens), and the main cache is rolled back past the kept positions p .. p+a (`Rollback`).
+2. Catch up: the MTP block reads (h_q, t_q+1) at q = p .. p+k and is rolled back past the same positions; its logits
+   at p+a draft d_p'+1, p' = p+a+1 being the position of the last emitted token.
+3. Chain: further drafts run the block on its own output streams: (h', d_p'+j) at MTP position p'+j-1 drafts
+   d_p'+j+1. Those MTP rows are rolled back afterwards; step 2 of the next round writes the positions again from the
+   main model's streams.
+A round is device work only: on a GPU it is one CUDA graph per (bucket, block-table width, k) (dsv4.graphs), and the
+host reads one small report per round (tokens, accepted counts, the next drafts). After prefill, the MTP block reads
+the prompt's positions and chains the first drafts.
+
+Rollback (`Rollback`): the window-ring rows of the rejected positions get back what they held, and every compressor's
+open-block state gets back its rows and is fed the kept positions' rows the way one-token decode steps feed them, so
+the cache is the one plain decoding leaves. Compressed entries written for rejected positions belong to blocks that
+are not complete: no query reads them, and they are written again once complete.
 
 Drafts are drawn with the main model's sampling key, so a good draft of a sampled token is accepted as often as a
 greedy one. Wherever a verification step gives the bits of one-token decode steps (`batch-invariant` and `exact`,
@@ -23,15 +29,17 @@ differ within the kernels' tolerance (docs/speculative.md).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from dsv4.cache import CompressorState, KVCache
+from dsv4.cache import CompressorState, KVCache, PagedRows, Step
 from dsv4.config import CSA_RATIO
 from dsv4.diagnose import non_finite_error
+from dsv4.steps import Rows
 
 if TYPE_CHECKING:
     from dsv4.engine import Engine, ProgressCallback, Request, Result
@@ -58,15 +66,16 @@ class SpeculationStats:
 
 class Rollback:
     """The cache state that a step over positions start[i] .. start[i]+n-1 of `slots` changes in `layers`, saved
-    before the step (n at most the window), so that `keep` undoes it past each sequence's first kept[i] positions."""
+    before the step (n at most the window), so that `keep` undoes it past each sequence's first kept[i] positions.
+    Device work only, with no host read: it runs inside captured rounds."""
 
     def __init__(self, cache: KVCache, layers: list[int], slots: torch.Tensor, start: torch.Tensor, n: int):
         window = cache.config.window_size
         self.slots, self.start = slots, start
         self.offsets = torch.arange(n, device=cache.device)
         self.rows = slots[:, None] * window + (start[:, None] + self.offsets) % window      # [b, n] ring rows
-        self.stores = [cache.layers[i].kv for i in layers]
-        self.saved_rows = [(s.codes[self.rows], s.scale[self.rows], s.tail[self.rows]) for s in self.stores]
+        self.parts = [(part, part[self.rows]) for i in layers
+                      for part in _ring_parts(cache.layers[i].kv)]                       # (storage, saved [b, n, ..])
         self.states: list[tuple[CompressorState, int]] = []
         for i in layers:
             layer, ratio = cache.layers[i], cache.config.layer_ratio(i)
@@ -78,10 +87,10 @@ class Rollback:
 
     def keep(self, kept: torch.Tensor) -> None:
         """Undo the step past the first kept[i] positions of each sequence (kept: [b] int64, 0 .. n)."""
-        undo = self.offsets >= kept[:, None]
-        rows = self.rows[undo]
-        for store, (codes, scale, tail) in zip(self.stores, self.saved_rows):
-            store.codes[rows], store.scale[rows], store.tail[rows] = codes[undo], scale[undo], tail[undo]
+        undo = self.offsets >= kept[:, None]                                                # [b, n]
+        for part, saved in self.parts:
+            now = part[self.rows]
+            part[self.rows] = torch.where(undo.view(*undo.shape, *[1] * (now.dim() - 2)), saved, now)
         for (state, ratio), (kv, score) in zip(self.states, self.saved_states):
             fed_kv = torch.cat([k for k, _ in state.journal], dim=1)
             fed_score = torch.cat([s for _, s in state.journal], dim=1)
@@ -110,7 +119,7 @@ class Rollback:
 
 
 class Speculator:
-    """An Engine's decode loop with MTP drafts of up to `drafts` tokens per sequence and step."""
+    """An Engine's decode loop with MTP drafts of up to `drafts` tokens per sequence and round."""
 
     def __init__(self, engine: Engine, drafts: int):
         self.engine, self.drafts = engine, drafts
@@ -125,100 +134,146 @@ class Speculator:
         """Decode the prefilled requests in `live` (request index -> cache slot; `streams`: each prompt's final
         streams) to their end, every token through `emit`, which removes a finished request from `live`."""
         indices = list(live)
-        unread = {i: streams[i][0] for i in indices}   # main streams at the positions the MTP block has not read
-        mtp_from = dict.fromkeys(indices, 0)           # the first of those positions
         for i, token, row in zip(indices, first_tokens, first_logits):
             emit(i, token, row)
+        if not live:
+            return
+        pending = self._first_drafts(list(live), live, streams, requests, results)   # index -> [x_p, drafts ..]
         while live:
-            order = list(live)
-            self._round(order, live, unread, mtp_from, requests, results, emit)
+            self._round(list(live), live, pending, requests, results, emit)
             if progress:
                 progress("decode", sum(len(results[i].tokens) for i in indices),
                          sum(requests[i].max_new_tokens for i in indices))
 
-    def _round(self, order: list[int], live: dict[int, int], unread: dict[int, torch.Tensor],
-               mtp_from: dict[int, int], requests: list[Request], results: list[Result], emit: Emit) -> None:
-        """Draft, verify, roll back and emit once for every sequence in `order`."""
+    def draft_count(self, last: list[int], left: list[int]) -> int:
+        """k for a round over sequences whose last tokens sit at `last`, each with `left` tokens still to emit: N,
+        fewer when no sequence has more tokens to come, and near the end of the context, which the chained drafts
+        (up to p+2k-1) must not pass."""
+        return max(0, min(self.drafts, max(left) - 1, (self.engine.config.max_seq_len - max(last)) // 2))
+
+    def _first_drafts(self, order: list[int], live: dict[int, int], streams: dict[int, torch.Tensor],
+                      requests: list[Request], results: list[Result]) -> dict[int, list[int]]:
+        """After prefill: the MTP block reads every prompt (chunked like prefill, sequences with prompts of one
+        length together) and chains each sequence's first drafts; {request index: [its last token, drafts ..]}."""
         e = self.engine
-        dev = e.device
         seqs = [requests[i].prompt + results[i].tokens for i in order]
-        last = [len(s) - 1 for s in seqs]                                  # p: the position of x_p
-        reqs, slots = [requests[i] for i in order], [live[i] for i in order]
-        left = max(requests[i].max_new_tokens - len(results[i].tokens) for i in order)
-        k = min(self.drafts, left - 1, e.config.max_seq_len - 1 - max(last))
-        slot_t, last_t = torch.tensor(slots, device=dev), torch.tensor(last, device=dev)
+        last = [len(s) - 1 for s in seqs]
+        k = self.draft_count(last, [requests[i].max_new_tokens - len(results[i].tokens) for i in order])
+        if not k:
+            return {i: [s[-1]] for i, s in zip(order, seqs)}
+        slots = [live[i] for i in order]
+        for slot, p in zip(slots, last):
+            e.cache.reserve(slot, p + k)
+        logits, h = [None] * len(order), [None] * len(order)
+        groups: dict[int, list[int]] = {}
+        for b, p in enumerate(last):
+            groups.setdefault(p, []).append(b)
+        for p, members in groups.items():
+            prompt_h = torch.cat([streams[order[b]] for b in members])                  # [m, p, hc, d]
+            ids = torch.tensor([seqs[b][1:p + 1] for b in members], device=e.device)
+            chunk = e.prefill_chunk or p
+            for begin in range(0, p, chunk):
+                step = e.cache.step([begin] * len(members), [slots[b] for b in members], min(chunk, p - begin))
+                out_logits, out = e.model.mtp_forward(prompt_h[:, begin:begin + chunk], ids[:, begin:begin + chunk],
+                                                      step)
+            for row, b in enumerate(members):
+                logits[b], h[b] = out_logits[row, -1], out[row, -1:]
+        rows = Rows.of([s[-1:] for s in seqs], last, slots, [requests[i] for i in order], len(order),
+                       e.cache.scratch_slot).to(e.device)
+        table = e.cache.block_table[rows.slots, :e.cache.table_width(max(last) + k)]
+        first = self.draft_tokens(torch.stack(logits), rows, rows.start + 1)
+        drafts = self._chain(torch.stack(h), first, rows.start, rows, k, table).tolist()
+        return {i: [s[-1], *d] for i, s, d in zip(order, seqs, drafts)}
 
-        drafts: list[torch.Tensor] = []                                    # [b] each, on the device
-        if k:
-            logits, h = self._catch_up(order, seqs, last, slots, unread, mtp_from)
-            drafts.append(self.draft_tokens(logits, reqs, [p + 1 for p in last]))
-        if k > 1:
-            undo = Rollback(e.cache, self.mtp_layers, slot_t, last_t, k - 1)
-            for j in range(1, k):                                          # d_p+j+1 from MTP position p+j-1
-                step = e.cache.step([p + j - 1 for p in last], slots, 1)
-                logits, h = e.model.mtp_forward(h, drafts[-1][:, None], step)
-                drafts.append(self.draft_tokens(logits[:, -1], reqs, [p + j + 1 for p in last]))
-            undo.keep(torch.zeros_like(last_t))
+    def _round(self, order: list[int], live: dict[int, int], pending: dict[int, list[int]], requests: list[Request],
+               results: list[Result], emit: Emit) -> None:
+        """Verify, roll back and draft once for every sequence in `order` (one captured step on a GPU), then emit."""
+        e = self.engine
+        last = [len(requests[i].prompt) + len(results[i].tokens) - 1 for i in order]
+        left = [requests[i].max_new_tokens - len(results[i].tokens) for i in order]
+        k = self.draft_count(last, left)
+        slots = [live[i] for i in order]
+        for slot, p in zip(slots, last):
+            e.cache.reserve(slot, p + max(2 * k, 1))
+        width = e.cache.table_width(max(last) + max(2 * k, 1))
+        rows = e.rows([pending[i][:k + 1] for i in order], last, slots, [requests[i] for i in order], left)
+        report, logits = e.run(("speculate", width, k), functools.partial(self.verify, width=width), rows)
+        report = report.tolist()
 
-        tokens = torch.cat([torch.tensor([s[-1] for s in seqs], device=dev)[:, None]] +
-                           [d[:, None] for d in drafts], dim=1)           # [b, k+1]
-        undo = Rollback(e.cache, self.main_layers, slot_t, last_t, k + 1)
-        logits, h = e.step(tokens, last, slots, all_logits=True)          # [b, k+1, vocab], [b, k+1, hc, d]
-        drawn = e.draw(logits.flatten(0, 1), [r for r in reqs for _ in range(k + 1)],
-                       [p + 1 + j for p in last for j in range(k + 1)]).view(2, len(order), k + 1)
-        accepted = (drawn[0, :, :k] == tokens[:, 1:]).long().cumprod(dim=1).sum(dim=1)
-        undo.keep(self._kept(drawn[0], accepted, [requests[i].max_new_tokens - len(results[i].tokens)
-                                                  for i in order]))
-        chosen, finite, accepted_list = drawn[0].tolist(), drawn[1].tolist(), accepted.tolist()
-
+        n = k + 1
         self.stats.steps += len(order)
         self.stats.drafted += k * len(order)
-        self.stats.accepted += sum(accepted_list)
         for b, i in enumerate(order):
-            for j in range(accepted_list[b] + 1):
-                if not finite[b][j]:
-                    raise non_finite_error(e.model, dev, requests[i].prompt + results[i].tokens, e.prefill_chunk)
+            drawn, finite, accepted = report[b][:n], report[b][n:2 * n], report[b][2 * n]
+            self.stats.accepted += accepted
+            for j in range(accepted + 1):
+                if not finite[j]:
+                    raise non_finite_error(e.model, e.device, requests[i].prompt + results[i].tokens,
+                                           e.prefill_chunk)
                 self.stats.emitted += 1
                 e.timings.decode_tokens += 1
-                if emit(i, chosen[b][j], logits[b, j]):
+                if emit(i, drawn[j], logits[b, j]):
                     break
-            kept = h[b, :accepted_list[b] + 1]
-            if k:                                      # the MTP block has read up to p-1
-                unread[i], mtp_from[i] = kept, last[b]
-            else:
-                unread[i] = torch.cat([unread[i], kept])
+            pending[i] = report[b][2 * n + 1:]
 
-    def draft_tokens(self, logits: torch.Tensor, requests: list[Request], positions: list[int]) -> torch.Tensor:
-        """The drafts [b] from MTP logits [b, vocab]: drawn as the main model draws at those positions."""
-        return self.engine.draw(logits, requests, positions)[0]
+    def verify(self, rows: Rows, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round over `rows` (tokens [b, k+1]: each sequence's last token and its drafts), reading `width`
+        block-table columns: (report [b, 3k+3] int64: the main model's tokens [k+1], their logits' finiteness [k+1],
+        the drafts accepted, then the token after them and the next round's k drafts; logits [b, k+1, vocab])."""
+        e = self.engine
+        b, n = rows.tokens.shape
+        k = n - 1
+        table = e.cache.block_table[rows.slots, :width]
+        step = Step(start=rows.start, slots=rows.slots, cache=e.cache, n_new=n, block_table=table)
+        undo = Rollback(e.cache, self.main_layers, rows.slots, rows.start, n)
+        logits, h = e.model(rows.tokens, step, all_logits=True)                # [b, n, vocab], [b, n, hc, d]
+        drawn, finite = e.draw(logits.flatten(0, 1), *rows.sampling(n), (step.positions + 1).flatten()).view(2, b, n)
+        accepted = (drawn[:, :k] == rows.tokens[:, 1:]).long().cumprod(dim=1).sum(dim=1)
+        kept = self._kept(drawn, accepted, rows.left)
+        undo.keep(kept)
+        seq = torch.arange(b, device=drawn.device)
+        following = drawn[seq, accepted][:, None]                            # x_p': the token after the accepted
+        if k:
+            undo = Rollback(e.cache, self.mtp_layers, rows.slots, rows.start, n)
+            mtp_logits, out = e.model.mtp_forward(h, drawn, step, all_logits=True)
+            undo.keep(kept)
+            after = rows.start + accepted + 1                                # p'
+            first = self.draft_tokens(mtp_logits[seq, accepted], rows, after + 1)
+            following = torch.cat([following, self._chain(out[seq, accepted][:, None], first, after, rows, k, table)],
+                                  dim=1)
+        return torch.cat([drawn, finite, accepted[:, None], following], dim=1), logits
 
-    def _kept(self, chosen: torch.Tensor, accepted: torch.Tensor, left: list[int]) -> torch.Tensor:
+    def _chain(self, h: torch.Tensor, first: torch.Tensor, after: torch.Tensor, rows: Rows, k: int,
+               table: torch.Tensor) -> torch.Tensor:
+        """k drafts [b, k] for sequences whose last token sits at `after`, from the first draft (at after+1) and the
+        MTP block's streams h [b, 1, hc, d] of the position before: each further draft reads the previous one with
+        the block's own streams, and the block's cache is rolled back after."""
+        e = self.engine
+        drafts = [first]
+        if k > 1:
+            undo = Rollback(e.cache, self.mtp_layers, rows.slots, after, k - 1)
+            for j in range(1, k):                                           # d_p'+j+1 from MTP position p'+j-1
+                step = Step(start=after + j - 1, slots=rows.slots, cache=e.cache, n_new=1, block_table=table)
+                logits, h = e.model.mtp_forward(h, drafts[-1][:, None], step)
+                drafts.append(self.draft_tokens(logits[:, -1], rows, after + j + 1))
+            undo.keep(torch.zeros_like(after))
+        return torch.stack(drafts, dim=1)
+
+    def draft_tokens(self, logits: torch.Tensor, rows: Rows, positions: torch.Tensor) -> torch.Tensor:
+        """The drafts [b] from MTP logits [b, vocab] of the rows: drawn as the main model draws at those positions
+        (device work only)."""
+        return self.engine.draw(logits, *rows.sampling(), positions)[0]
+
+    def _kept(self, drawn: torch.Tensor, accepted: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
         """Positions of the verification step that stay in the cache: the current token and the accepted drafts,
         and none past the sequence's last token (EOS or its max_new_tokens), as plain decoding never reads it."""
-        j = torch.arange(chosen.shape[1], device=chosen.device)
-        eos = torch.where(chosen == self.engine.config.eos_token_id, j, chosen.shape[1]).min(dim=1).values
-        return torch.minimum(torch.minimum(accepted, eos) + 1, torch.tensor(left, device=chosen.device))
+        j = torch.arange(drawn.shape[1], device=drawn.device)
+        eos = torch.where(drawn == self.engine.config.eos_token_id, j, drawn.shape[1]).min(dim=1).values
+        return torch.minimum(torch.minimum(accepted, eos) + 1, left)
 
-    def _catch_up(self, order: list[int], seqs: list[list[int]], last: list[int], slots: list[int],
-                  unread: dict[int, torch.Tensor],
-                  mtp_from: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP block reads every sequence's unread positions (in chunks of the engine's prefill_chunk);
-        (logits of each sequence's last position [b, vocab], the block's streams there [b, 1, hc, d]). Sequences
-        with as many unread positions run as one batch."""
-        e = self.engine
-        groups: dict[int, list[int]] = {}
-        for b, i in enumerate(order):
-            groups.setdefault(last[b] - mtp_from[i], []).append(b)
-        logits: list[torch.Tensor] = [None] * len(order)
-        streams: list[torch.Tensor] = [None] * len(order)
-        for n, members in groups.items():
-            h = torch.stack([unread[order[b]] for b in members])
-            ids = torch.tensor([seqs[b][mtp_from[order[b]] + 1:last[b] + 1] for b in members], device=e.device)
-            chunk = e.prefill_chunk or n
-            for begin in range(0, n, chunk):
-                step = e.cache.step([mtp_from[order[b]] + begin for b in members], [slots[b] for b in members],
-                                    min(chunk, n - begin))
-                out_logits, out = e.model.mtp_forward(h[:, begin:begin + chunk], ids[:, begin:begin + chunk], step)
-            for row, b in enumerate(members):
-                logits[b], streams[b] = out_logits[row, -1], out[row, -1:]
-        return torch.stack(logits), torch.stack(streams)
+
+def _ring_parts(store: PagedRows) -> list[torch.Tensor]:
+    """A layer's KV row storage (codes, scales, RoPE dims), FP8 codes viewed as bytes so that a select restores
+    them bit for bit on any device."""
+    codes = store.codes.view(torch.uint8) if store.codes.dtype == torch.float8_e4m3fn else store.codes
+    return [codes, store.scale, store.tail]

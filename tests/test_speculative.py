@@ -45,14 +45,21 @@ def _main_cache(engine: Engine) -> list[torch.Tensor]:
     return parts
 
 
-def _oracle(plain, requests, right) -> callable:
-    """Drafts that are the plain run's token where right(position), and a different token elsewhere."""
-    truth = {(r.request_id, len(r.prompt) + j): t for r, res in zip(requests, plain) for j, t in enumerate(res.tokens)}
+def _oracle(plain, requests, right, device="cpu") -> callable:
+    """Drafts that are the plain run's token where right(position), and a different token elsewhere: a table on
+    the device, so that the drafts are drawn inside captured rounds too."""
+    length = max(len(r.prompt) + len(res.tokens) for r, res in zip(requests, plain)) + 1
+    table = torch.zeros(max(r.request_id for r in requests) + 1, length, dtype=torch.int64)
+    for r, res in zip(requests, plain):
+        for j, t in enumerate(res.tokens):
+            table[r.request_id, len(r.prompt) + j] = t
+    for p in range(length):
+        if not right(p):
+            table[:, p] = (table[:, p] + 1) % 256
+    table = table.to(device)
 
-    def draft_tokens(logits, reqs, positions):
-        wanted = [truth.get((r.request_id, p), 0) for r, p in zip(reqs, positions)]
-        return torch.tensor([t if right(p) else (t + 1) % 256 for t, p in zip(wanted, positions)],
-                            device=logits.device)
+    def draft_tokens(logits, rows, positions):
+        return table[rows.request, positions.clamp(max=length - 1)]
     return draft_tokens
 
 
@@ -139,7 +146,7 @@ def test_speculation_on_the_gpu_gives_the_bits_of_plain_decoding(level, short_bl
         engine = Engine(pipe.model, "cuda", max_batch=3, speculate=drafts)
         assert _same(engine.generate(_requests(), record_logits=True), plain)
         oracle = Engine(pipe.model, "cuda", max_batch=3, speculate=drafts)
-        oracle.speculator.draft_tokens = _oracle(plain, _requests(), lambda p: p % 3 != 1)
+        oracle.speculator.draft_tokens = _oracle(plain, _requests(), lambda p: p % 3 != 1, "cuda")
         assert _same(oracle.generate(_requests(), record_logits=True), plain)
 
 
