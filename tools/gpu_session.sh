@@ -50,6 +50,6 @@ wanted model && stage model 150 "${dsv4[@]}" bench model --layers 4 --batches 1,
 # the server runs as `python -m dsv4.cli serve`: from outside the checkout, so that the installed dsv4 is imported
 wanted serve-bench && stage serve-bench 90 env -C /tmp "${dsv4[@]}" bench serve --device cuda \
   --determinism batch-invariant --max-batch 16 --requests 32 --concurrency 16 --json "$OUT/serve.json"
-wanted speculate-bench && stage speculate-bench 120 "${dsv4[@]}" bench speculate --device cuda \
-  --levels fast,batch-invariant,exact --batches 1,4,16 --speculate 1 --repeats 1 --json "$OUT/speculate.json"
+wanted speculate-bench && stage speculate-bench 240 "${dsv4[@]}" bench speculate --device cuda \
+  --levels fast,batch-invariant,exact --batches 1,4,16 --speculate 1,2 --repeats 1 --json "$OUT/speculate.json"
 grep -E "passed|failed|error|difference|tok/s|FAILED|OK$|Traceback" "$log" | tail -40
