@@ -38,7 +38,7 @@ import torch
 
 from dsv4.cache import CompressorState, KVCache, PagedRows, Step
 from dsv4.config import CSA_RATIO
-from dsv4.diagnose import non_finite_error
+from dsv4.diagnose import NonFiniteLogits, non_finite_error
 from dsv4.steps import Rows
 
 if TYPE_CHECKING:
@@ -62,6 +62,15 @@ class SpeculationStats:
     @property
     def tokens_per_step(self) -> float:
         return self.emitted / self.steps if self.steps else 0.0
+
+
+@dataclass
+class Verified:
+    """A sequence's share of a round: the tokens to emit (accepted drafts and the main model's token after them, up
+    to its end) with their logits rows [n, vocab], and its tokens for the next round (last token, then drafts)."""
+    tokens: list[int]
+    logits: torch.Tensor
+    pending: list[int]
 
 
 class Rollback:
@@ -133,17 +142,40 @@ class Speculator:
                progress: ProgressCallback | None) -> None:
         """Decode the prefilled requests in `live` (request index -> cache slot; `streams`: each prompt's final
         streams) to their end, every token through `emit`, which removes a finished request from `live`."""
+        e = self.engine
         indices = list(live)
         for i, token, row in zip(indices, first_tokens, first_logits):
             emit(i, token, row)
-        if not live:
+        order = list(live)
+        if not order:
             return
-        pending = self._first_drafts(list(live), live, streams, requests, results)   # index -> [x_p, drafts ..]
+        heads = [self.read_prompt(streams[i], requests[i].prompt[1:] + results[i].tokens, 0, live[i]) for i in order]
+        drafts = self.first_drafts(heads, [live[i] for i in order], *self._progress(order, requests, results))
+        pending = {i: [results[i].tokens[-1], *d] for i, d in zip(order, drafts)}
         while live:
-            self._round(list(live), live, pending, requests, results, emit)
+            order = list(live)
+            try:
+                verified = self.round([live[i] for i in order], [pending[i] for i in order],
+                                      *self._progress(order, requests, results))
+            except NonFiniteLogits as err:
+                i = order[err.row]
+                raise non_finite_error(e.model, e.device, requests[i].prompt + results[i].tokens,
+                                       e.prefill_chunk) from None
+            for i, v in zip(order, verified):
+                for token, row in zip(v.tokens, v.logits):
+                    e.timings.decode_tokens += 1
+                    emit(i, token, row)
+                pending[i] = v.pending
             if progress:
                 progress("decode", sum(len(results[i].tokens) for i in indices),
                          sum(requests[i].max_new_tokens for i in indices))
+
+    @staticmethod
+    def _progress(order: list[int], requests: list[Request],
+                  results: list[Result]) -> tuple[list[int], list[int], list[Request]]:
+        """(positions of the last tokens, tokens each may still emit, the requests) of the sequences in `order`."""
+        return ([len(requests[i].prompt) + len(results[i].tokens) - 1 for i in order],
+                [requests[i].max_new_tokens - len(results[i].tokens) for i in order], [requests[i] for i in order])
 
     def draft_count(self, last: list[int], left: list[int]) -> int:
         """k for a round over sequences whose last tokens sit at `last`, each with `left` tokens still to emit: N,
@@ -151,75 +183,67 @@ class Speculator:
         (up to p+2k-1) must not pass."""
         return max(0, min(self.drafts, max(left) - 1, (self.engine.config.max_seq_len - max(last)) // 2))
 
-    def _first_drafts(self, order: list[int], live: dict[int, int], streams: dict[int, torch.Tensor],
-                      requests: list[Request], results: list[Result]) -> dict[int, list[int]]:
-        """After prefill: the MTP block reads every prompt (chunked like prefill, sequences with prompts of one
-        length together) and chains each sequence's first drafts; {request index: [its last token, drafts ..]}."""
+    def read_prompt(self, streams: torch.Tensor, next_ids: list[int], begin: int,
+                    slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP block reads positions begin .. begin+n-1 of the sequence in `slot`: the main model's streams
+        there [1, n, hc, d] and the tokens after them (next_ids, n of them), in chunks of the engine's
+        prefill_chunk. (Its logits at the last position [vocab], its streams there [hc, d].)"""
         e = self.engine
-        seqs = [requests[i].prompt + results[i].tokens for i in order]
-        last = [len(s) - 1 for s in seqs]
-        k = self.draft_count(last, [requests[i].max_new_tokens - len(results[i].tokens) for i in order])
-        if not k:
-            return {i: [s[-1]] for i, s in zip(order, seqs)}
-        slots = [live[i] for i in order]
-        for slot, p in zip(slots, last):
-            e.cache.reserve(slot, p + k)
-        logits, h = [None] * len(order), [None] * len(order)
-        groups: dict[int, list[int]] = {}
-        for b, p in enumerate(last):
-            groups.setdefault(p, []).append(b)
-        for p, members in groups.items():
-            prompt_h = torch.cat([streams[order[b]] for b in members])                  # [m, p, hc, d]
-            ids = torch.tensor([seqs[b][1:p + 1] for b in members], device=e.device)
-            chunk = e.prefill_chunk or p
-            for begin in range(0, p, chunk):
-                step = e.cache.step([begin] * len(members), [slots[b] for b in members], min(chunk, p - begin))
-                out_logits, out = e.model.mtp_forward(prompt_h[:, begin:begin + chunk], ids[:, begin:begin + chunk],
-                                                      step)
-            for row, b in enumerate(members):
-                logits[b], h[b] = out_logits[row, -1], out[row, -1:]
-        rows = Rows.of([s[-1:] for s in seqs], last, slots, [requests[i] for i in order], len(order),
-                       e.cache.scratch_slot).to(e.device)
-        table = e.cache.block_table[rows.slots, :e.cache.table_width(max(last) + k)]
-        first = self.draft_tokens(torch.stack(logits), rows, rows.start + 1)
-        drafts = self._chain(torch.stack(h), first, rows.start, rows, k, table).tolist()
-        return {i: [s[-1], *d] for i, s, d in zip(order, seqs, drafts)}
+        n = streams.shape[1]
+        ids = torch.tensor([next_ids[:n]], device=e.device)
+        chunk = e.prefill_chunk or n
+        for first in range(0, n, chunk):
+            step = e.cache.step([begin + first], [slot], min(chunk, n - first))
+            logits, out = e.model.mtp_forward(streams[:, first:first + chunk], ids[:, first:first + chunk], step)
+        return logits[0, -1], out[0, -1]
 
-    def _round(self, order: list[int], live: dict[int, int], pending: dict[int, list[int]], requests: list[Request],
-               results: list[Result], emit: Emit) -> None:
-        """Verify, roll back and draft once for every sequence in `order` (one captured step on a GPU), then emit."""
+    def first_drafts(self, heads: list[tuple[torch.Tensor, torch.Tensor]], slots: list[int], last: list[int],
+                     left: list[int], requests: list[Request]) -> list[list[int]]:
+        """Each sequence's first drafts (k of `draft_count`) after the MTP block has read its prompt (`heads`: what
+        read_prompt returned): the first from its logits, then chained through the block."""
         e = self.engine
-        last = [len(requests[i].prompt) + len(results[i].tokens) - 1 for i in order]
-        left = [requests[i].max_new_tokens - len(results[i].tokens) for i in order]
         k = self.draft_count(last, left)
-        slots = [live[i] for i in order]
-        for slot, p in zip(slots, last):
-            e.cache.reserve(slot, p + max(2 * k, 1))
-        width = e.cache.table_width(max(last) + max(2 * k, 1))
-        rows = e.rows([pending[i][:k + 1] for i in order], last, slots, [requests[i] for i in order], left)
-        report, logits = e.run(("speculate", width, k), functools.partial(self.verify, width=width), rows)
-        report = report.tolist()
+        if not k:
+            return [[] for _ in slots]
+        for slot, p, n in zip(slots, last, left):
+            e.cache.reserve(slot, min(p + k, p + n))
+        rows = Rows.of([[0]] * len(slots), last, slots, requests, len(slots), e.cache.scratch_slot).to(e.device)
+        table = e.cache.block_table[rows.slots, :e.cache.table_width(max(last) + k)]
+        logits, h = (torch.stack(t) for t in zip(*heads))
+        first = self.draft_tokens(logits, rows, rows.start + 1)
+        return self._chain(h[:, None], first, rows.start, rows, k, table).tolist()
 
+    def round(self, slots: list[int], pending: list[list[int]], last: list[int], left: list[int],
+              requests: list[Request]) -> list[Verified]:
+        """Verify, roll back and draft once for the sequences in `slots` (one captured step on a GPU): `pending`
+        holds each one's last token (at position `last`) and its drafts. Raises NonFiniteLogits for a sequence
+        whose logits at a token to emit are not finite."""
+        e = self.engine
+        k = self.draft_count(last, left)
+        for slot, p, n in zip(slots, last, left):          # positions past a sequence's end write the null block
+            e.cache.reserve(slot, min(p + max(2 * k, 1), p + n))
+        width = e.cache.table_width(max(last) + max(2 * k, 1))
+        tokens = [(t + [0] * k)[:k + 1] for t in pending]   # a sequence that joined with fewer drafts: any draft
+        rows = e.rows(tokens, last, slots, requests, left)  # is safe, a wrong one is rejected
+        report, logits = e.run(("speculate", width, k), functools.partial(self.verify, width=width), rows)
         n = k + 1
-        self.stats.steps += len(order)
-        self.stats.drafted += k * len(order)
-        for b, i in enumerate(order):
-            drawn, finite, accepted = report[b][:n], report[b][n:2 * n], report[b][2 * n]
+        verified = []
+        for b, line in enumerate(report.tolist()[:len(slots)]):
+            drawn, finite, accepted, kept = line[:n], line[n:2 * n], line[2 * n], line[2 * n + 1]
+            if not all(finite[:kept]):
+                raise NonFiniteLogits(b)
+            verified.append(Verified(drawn[:kept], logits[b, :kept], line[2 * n + 2:]))
             self.stats.accepted += accepted
-            for j in range(accepted + 1):
-                if not finite[j]:
-                    raise non_finite_error(e.model, e.device, requests[i].prompt + results[i].tokens,
-                                           e.prefill_chunk)
-                self.stats.emitted += 1
-                e.timings.decode_tokens += 1
-                if emit(i, drawn[j], logits[b, j]):
-                    break
-            pending[i] = report[b][2 * n + 1:]
+            self.stats.emitted += kept
+        self.stats.steps += len(slots)
+        self.stats.drafted += k * len(slots)
+        return verified
 
     def verify(self, rows: Rows, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One round over `rows` (tokens [b, k+1]: each sequence's last token and its drafts), reading `width`
-        block-table columns: (report [b, 3k+3] int64: the main model's tokens [k+1], their logits' finiteness [k+1],
-        the drafts accepted, then the token after them and the next round's k drafts; logits [b, k+1, vocab])."""
+        block-table columns: (report [b, 3k+4] int64: the main model's tokens [k+1], their logits' finiteness [k+1],
+        the drafts accepted, the tokens to emit (the accepted drafts and the one after them, cut at the sequence's
+        end), then the token after the accepted drafts and the next round's k drafts; logits [b, k+1, vocab])."""
         e = self.engine
         b, n = rows.tokens.shape
         k = n - 1
@@ -241,7 +265,7 @@ class Speculator:
             first = self.draft_tokens(mtp_logits[seq, accepted], rows, after + 1)
             following = torch.cat([following, self._chain(out[seq, accepted][:, None], first, after, rows, k, table)],
                                   dim=1)
-        return torch.cat([drawn, finite, accepted[:, None], following], dim=1), logits
+        return torch.cat([drawn, finite, accepted[:, None], kept[:, None], following], dim=1), logits
 
     def _chain(self, h: torch.Tensor, first: torch.Tensor, after: torch.Tensor, rows: Rows, k: int,
                table: torch.Tensor) -> torch.Tensor:
