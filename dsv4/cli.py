@@ -148,6 +148,9 @@ parallel_options = options(
                  "collective) before it gives up with an error."),
 )
 quiet_option = click.option("--quiet", is_flag=True, help="No progress on stderr.")
+SPECULATE = click.option("--speculate", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Draft up to N tokens a step with the MTP block and verify them in one step: the same "
+                              "tokens at batch-invariant and exact, faster (docs/speculative.md).")
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None,
     help="Threads of torch's CPU kernels. Default on CPU: 1 (the default model's ops are too small to gain from "
@@ -212,9 +215,7 @@ def rank_zero_speaks(group: ExpertGroup | None) -> Iterator[None]:
               help="Save every generated token's logits (fp32) to this safetensors file, one tensor per prompt.")
 @click.option("--eager", is_flag=True, help="On a GPU, run decode steps eagerly instead of replaying CUDA graphs "
               "(same bits).")
-@click.option("--speculate", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Draft up to N tokens a step with the MTP block and verify them in one step: the same tokens "
-                   "at batch-invariant and exact, faster (docs/speculative.md).")
+@SPECULATE
 @threads_option
 @VERIFY
 @quiet_option
@@ -501,11 +502,12 @@ SIZE = Checked("size", validate.byte_size)
 @click.option("--prefix-cache-size", type=SIZE, default="10GiB", show_default=True,
               help="Size cap of --prefix-cache-dir (least recently used files go first).")
 @click.option("--no-prefix-cache", is_flag=True, help="Compute every prompt from scratch (no reuse, no files).")
+@SPECULATE
 @threads_option
 @VERIFY
 @friendly_errors
 def serve(model, preset, device, determinism, ops_config, op_overrides, host, port, max_batch, max_queue,
-          kv_cache_memory, prefix_cache_dir, prefix_cache_size, no_prefix_cache, threads, verify):
+          kv_cache_memory, prefix_cache_dir, prefix_cache_size, no_prefix_cache, speculate, threads, verify):
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health) with
     continuous batching and a prefix cache; at batch-invariant and exact, a request's bits do not depend on the
     load. docs/serve.md."""
@@ -513,15 +515,17 @@ def serve(model, preset, device, determinism, ops_config, op_overrides, host, po
         from dsv4.serve import app
     except ImportError as e:
         raise DSV4Error(f"dsv4 serve needs the serve extra ({e.name} is missing): pip install 'dsv4[serve]'") from None
+    from dsv4.api import checkpoint_config
     from dsv4.backends.registry import collect_overrides
 
     def warn(message: str) -> None:
         click.echo(f"warning: {one_line(message)}", err=True)
 
+    validate.speculate(checkpoint_config(model, preset), speculate)     # before any weights are read
     set_threads(threads, device)
     service = app.load_service(model, preset, device, determinism, collect_overrides(op_overrides, ops_config),
                                verify, max_batch, max_queue, kv_cache_memory, prefix_cache_dir, prefix_cache_size,
-                               not no_prefix_cache, warn)
+                               not no_prefix_cache, speculate, warn)
     app.run(service, host, port, lambda line: click.echo(line, err=True))
 
 

@@ -119,7 +119,7 @@ def test_bad_speculate_values_are_refused(tiny, drafts, message):
         tiny.engine(speculate=drafts)
 
 
-def test_run_refuses_to_speculate_without_an_mtp_block_before_reading_any_weights(tmp_path):
+def test_run_and_serve_refuse_to_speculate_without_an_mtp_block_before_reading_any_weights(tmp_path):
     config = dataclasses.replace(preset("tiny"), n_mtp_layers=0, compress_ratios=(0, 4, 128, 4))
     (tmp_path / CONFIG_FILE).write_text(json.dumps(config.to_json()))      # no weights at all
     (tmp_path / TOKENIZER_FILE).write_text(byte_level_tokenizer_json(config.vocab_size, config.bos_token_id,
@@ -127,6 +127,8 @@ def test_run_refuses_to_speculate_without_an_mtp_block_before_reading_any_weight
     _one_line_error(dsv4_cli("run", "--model", str(tmp_path), "--speculate", "2"),
                     "needs the MTP block to draft with, and this checkpoint has none (n_mtp_layers is 0)")
     _one_line_error(dsv4_cli("run", "--model", str(tmp_path), "--speculate", "-1"), "'--speculate'")
+    _one_line_error(dsv4_cli("serve", "--model", str(tmp_path), "--speculate", "1"),
+                    "needs the MTP block to draft with, and this checkpoint has none (n_mtp_layers is 0)")
 
 
 def test_run_reports_acceptance_with_speculate(tiny_dir):
@@ -161,3 +163,35 @@ def test_the_benchmark_reports_acceptance_and_speed_up_against_plain_decoding(ti
     assert all(r["identical"] for r in rows) and all(r["decode_tokens"] == 4 * r["batch"] for r in rows)
     assert all(r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 for r in rows if not r["drafts"])
     assert "speed-up" in speculate.table(result)
+
+
+@pytest.mark.parametrize("device, level", [
+    ("cpu", "exact"),
+    pytest.param("cuda", "batch-invariant", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])])
+def test_the_server_speculates_to_the_tokens_and_logprobs_of_plain_serving(device, level):
+    """Continuous batching with speculation: requests join a running batch with their own first drafts, share a
+    cached prefix (the MTP block's rows come with it) and end at EOS or their length; every token and logprob is
+    the plain server's."""
+    from dsv4.serve.scheduler import Scheduler
+
+    pipe = dsv4.load(device=device, determinism=level)
+    prefix = [256] + list(b"import sys\n\n\ndef main(argv):\n    return len(argv)\n" * 6)[:255]   # one cache block
+    prompts = [prefix + list(b"\nif __name__ == '__main__':\n"), [256] + list(b"def add(a, b):\n"),
+               prefix + list(b"\n\ndef helper():\n"), [256] + list(b"for i in range(10):\n")]
+    requests = [Request(p, max_new_tokens=n, temperature=t, request_id=i)
+                for i, (p, n, t) in enumerate(zip(prompts, [12, 7, 9, 10], [0.0, 0.8, 0.0, 0.6]))]
+
+    def serve(speculate: int):
+        scheduler = Scheduler(pipe, max_batch=2, speculate=speculate).start()
+        try:
+            streams = [scheduler.stream(r, top_logprobs=2) for r in requests]
+            tokens = [[(t.token, t.logprob, t.top) for t in s] for s in streams]
+            return tokens, [s.finished for s in streams], scheduler.status()
+        finally:
+            scheduler.close()
+
+    plain, plain_finished, _ = serve(0)
+    tokens, finished, status = serve(2)
+    assert tokens == plain and finished == plain_finished
+    assert status["prefix_cache"]["memory_hits"] > 0 and status["speculation"]["acceptance_rate"] > 0

@@ -281,7 +281,7 @@ async def _sse(pieces, reply: Reply, include_usage: bool, ticket) -> AsyncIterat
 def load_service(model: str | None, preset: str | None, device: str, determinism: str,
                  overrides: dict[str, str] | None, verify: bool | None, max_batch: int | None, max_queue: int,
                  kv_cache_memory: int | None, prefix_cache_dir: str | None, prefix_cache_size: int,
-                 prefix_cache: bool, warn: Callable[[str], None]) -> Service:
+                 prefix_cache: bool, speculate: int, warn: Callable[[str], None]) -> Service:
     """Open the model and build its scheduler, prefix cache and chat template."""
     from dsv4.api import checkpoint_path, load
     from dsv4.manifest import MANIFEST_FILE
@@ -307,7 +307,7 @@ def load_service(model: str | None, preset: str | None, device: str, determinism
                  f"manifest {path}` writes one); prefixes are kept in memory only")
     blocks = None if kv_cache_memory is None else cache_blocks_for_memory(pipe.config, kv_cache_memory)
     scheduler = Scheduler(pipe, max_batch=max_batch, cache_blocks=blocks, max_queue=max_queue, prefix=prefix_cache,
-                          store=store)
+                          store=store, speculate=speculate)
     name = preset or ("default" if model is None else Path(str(model)).name)
     return Service(name, pipe, scheduler, load_template(path))
 

@@ -8,6 +8,12 @@ decoding, and every prompt is cut at the same positions whatever else runs, whic
 the engine's bits do not depend on the batch, and sampling is keyed by (seed, request id, position): a request's
 tokens and logprobs are the same under any load.
 
+With `speculate=N` (dsv4.speculative) a request past its prompt takes a speculative round instead of a one-token
+step: the MTP block's drafts are verified in one step, and 1 .. N+1 tokens are emitted. The tokens and logprobs are
+those of plain decoding at `batch-invariant` and `exact`. The MTP block reads each prefill chunk, so cached prefixes
+hold its rows too; only the drafts (the speed, never the tokens) can depend on which request cached a prefix,
+since the block's row at a chunk's last position reads the next chunk's first token.
+
 Admission is bounded by the KV block budget: a request is admitted into a free slot once the blocks for its whole
 length (prompt + max_new_tokens) are free, evicting unshared prefix-cache blocks if needed, so a running request
 never runs out of cache; the others wait in a bounded queue. A request that could never fit, or one over the
@@ -81,6 +87,7 @@ class Job:
     cached: int = 0                     # prompt tokens taken from the prefix cache
     from_disk: int = 0                  # of those, read from disk
     tokens: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)   # speculating: the last token, then its drafts
     cancelled: bool = False
 
 
@@ -121,8 +128,10 @@ class TokenStream:
 
 class Scheduler:
     def __init__(self, pipe: Pipeline, max_batch: int | None = None, cache_blocks: int | None = None,
-                 max_queue: int = 256, prefix: bool = True, store: PrefixStore | None = None):
-        self.engine = Engine(pipe.model, pipe.device, max_batch=max_batch, cache_blocks=cache_blocks)
+                 max_queue: int = 256, prefix: bool = True, store: PrefixStore | None = None, speculate: int = 0):
+        self.engine = Engine(pipe.model, pipe.device, max_batch=max_batch, cache_blocks=cache_blocks,
+                             speculate=speculate)
+        self.speculator = self.engine.speculator
         self.config, self.cache = self.engine.config, self.engine.cache
         self.max_queue = validate.integer(max_queue, "max_queue", minimum=1)
         self.prefix = PrefixCache(self.cache, store) if prefix else None
@@ -189,7 +198,10 @@ class Scheduler:
                 "cached_blocks": len(self.prefix.nodes) if self.prefix else 0,
                 "prefix_cache": self.prefix.stats.as_dict() if self.prefix else None,
                 "disk_cache": self.prefix is not None and self.prefix.store is not None
-                and self.prefix.store.enabled, "finished": dict(self.finished)}
+                and self.prefix.store.enabled, "finished": dict(self.finished),
+                "speculation": None if self.speculator is None else {
+                    "drafts": self.speculator.drafts, "acceptance_rate": self.speculator.stats.acceptance_rate,
+                    "tokens_per_step": self.speculator.stats.tokens_per_step}}
 
     # -- the engine thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -274,27 +286,44 @@ class Scheduler:
 
     def _prefill_chunk(self, job: Job) -> int:
         """Prefill the job's next chunk (each its own forward step: the cut points never depend on the others);
-        the number of tokens it computed."""
-        prompt = job.request.prompt
+        the number of tokens it computed. Speculating, the MTP block reads each chunk after the main model (for the
+        prompt's last position, once its first token is drawn), so that a cached prefix holds its rows too."""
+        prompt, spec = job.request.prompt, self.speculator
         if self.prefix:
             self._reuse(job)
         begin = job.position
         end = min(begin + CACHE_BLOCK, len(prompt))
-        logits = self.engine.forward(torch.tensor([prompt[begin:end]]), [begin], [job.slot])[:, -1]
+        logits, streams = self.engine.step(torch.tensor([prompt[begin:end]]), [begin], [job.slot])
+        logits = logits[:, -1]
         job.position = end
+        first = self.engine.sample(logits, [job.request], [end]) if end == len(prompt) else []
+        if spec:
+            head = spec.read_prompt(streams, prompt[begin + 1:end] + (first or prompt[end:end + 1]), begin, job.slot)
         if self.prefix and end % CACHE_BLOCK == 0:
             self.prefix.insert(job.slot, prompt, job.keys, end // CACHE_BLOCK - 1)
-        if end == len(prompt):
+        if first:
             if self.prefix:
                 self.prefix.record(len(prompt), job.cached - job.from_disk, job.from_disk)
-            self._emit([job], self.engine.sample(logits, [job.request], [end]), logits)
+            self._emit([job], first, logits)
+            if spec and job in self._running:
+                left = job.request.max_new_tokens - len(job.tokens)
+                job.pending = first + spec.first_drafts([head], [job.slot], [end], [left], [job.request])[0]
         return end - begin
 
     def _decode(self, jobs: list[Job]) -> None:
         start = [len(j.request.prompt) + len(j.tokens) - 1 for j in jobs]
-        tokens, logits = self.engine.decode([j.slot for j in jobs], [j.tokens[-1] for j in jobs], start,
-                                            [j.request for j in jobs])
-        self._emit(jobs, tokens, logits)
+        if self.speculator is None:
+            tokens, logits = self.engine.decode([j.slot for j in jobs], [j.tokens[-1] for j in jobs], start,
+                                                [j.request for j in jobs])
+            self._emit(jobs, tokens, logits)
+            return
+        left = [j.request.max_new_tokens - len(j.tokens) for j in jobs]
+        verified = self.speculator.round([j.slot for j in jobs], [j.pending for j in jobs], start, left,
+                                         [j.request for j in jobs])
+        for job, v in zip(jobs, verified):       # the tokens of a round end where the request ends
+            for token, row in zip(v.tokens, v.logits):
+                self._emit([job], [token], row[None])
+            job.pending = v.pending
 
     def _emit(self, jobs: list[Job], tokens: list[int], logits: torch.Tensor) -> None:
         want = [i for i, j in enumerate(jobs) if j.top_logprobs is not None]
