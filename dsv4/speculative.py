@@ -83,6 +83,7 @@ class Rollback:
         self.slots, self.start = slots, start
         self.offsets = torch.arange(n, device=cache.device)
         self.rows = slots[:, None] * window + (start[:, None] + self.offsets) % window      # [b, n] ring rows
+        self.scratch_row = cache.scratch_slot * window            # takes the writes of the rows that are kept
         self.parts = [(part, part[self.rows]) for i in layers
                       for part in _ring_parts(cache.layers[i].kv)]                       # (storage, saved [b, n, ..])
         self.states: list[tuple[CompressorState, int]] = []
@@ -97,34 +98,35 @@ class Rollback:
     def keep(self, kept: torch.Tensor) -> None:
         """Undo the step past the first kept[i] positions of each sequence (kept: [b] int64, 0 .. n)."""
         undo = self.offsets >= kept[:, None]                                                # [b, n]
+        target = torch.where(undo, self.rows, self.scratch_row)
         for part, saved in self.parts:
-            now = part[self.rows]
-            part[self.rows] = torch.where(undo.view(*undo.shape, *[1] * (now.dim() - 2)), saved, now)
+            part[target] = saved
+        masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for (state, ratio), (kv, score) in zip(self.states, self.saved_states):
-            fed_kv = torch.cat([k for k, _ in state.journal], dim=1)
-            fed_score = torch.cat([s for _, s in state.journal], dim=1)
+            fed_kv, fed_score = (torch.cat(rows, dim=1) if len(rows) > 1 else rows[0] for rows in zip(*state.journal))
             state.journal = None
-            self._replay(state, ratio, kv, score, fed_kv, fed_score, kept)
+            kv, score = (self._replay(ratio, saved, fed, kept, masks) for saved, fed in ((kv, fed_kv),
+                                                                                       (score, fed_score)))
+            state.kv[self.slots], state.score[self.slots] = kv, score
 
-    def _replay(self, state: CompressorState, ratio: int, kv: torch.Tensor, score: torch.Tensor,
-                fed_kv: torch.Tensor, fed_score: torch.Tensor, kept: torch.Tensor) -> None:
-        """The state rows of the slots := the saved ones, then the fed rows j < kept[i] (position start[i] + j)
-        written as a one-token decode step writes them (model.Compressor._decode_blocks): row off + position % ratio
-        of the current block; with overlap (ratio 4), a block completed becomes the previous block."""
-        m, overlap = ratio, ratio == CSA_RATIO
-        off = m if overlap else 0
-        seq = torch.arange(kv.shape[0], device=kv.device)
-        for j in range(fed_kv.shape[1]):
-            live = (j < kept)[:, None]
-            held = (self.start + j) % m
-            row = off + held
-            kv[seq, row] = torch.where(live, fed_kv[:, j], kv[seq, row])
-            score[seq, row] = torch.where(live, fed_score[:, j], score[seq, row])
+    def _replay(self, ratio: int, saved: torch.Tensor, fed: torch.Tensor, kept: torch.Tensor,
+                masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """State rows [b, rows, width] from the saved ones fed the rows fed[:, j] for j < kept[i] (position
+        start[i] + j) as a one-token decode step feeds them (model.Compressor._decode_blocks): row position % ratio
+        of the current block; with overlap (ratio 4), a block completed becomes the previous block. `masks` caches
+        each (ratio, j)'s masks for the states of one step."""
+        overlap = ratio == CSA_RATIO
+        previous, current = saved[:, :ratio * overlap], saved[:, ratio * overlap:]
+        for j in range(fed.shape[1]):
+            if (ratio, j) not in masks:
+                live, held = j < kept, (self.start + j) % ratio
+                write = live[:, None] & (torch.arange(ratio, device=kept.device) == held[:, None])
+                masks[ratio, j] = write[..., None], (live & (held == ratio - 1))[:, None, None]
+            write, done = masks[ratio, j]
+            current = torch.where(write, fed[:, j, None], current)
             if overlap:
-                done = (live[:, 0] & (held == m - 1))[:, None, None]
-                kv[:, :m] = torch.where(done, kv[:, off:], kv[:, :m])
-                score[:, :m] = torch.where(done, score[:, off:], score[:, :m])
-        state.kv[self.slots], state.score[self.slots] = kv, score
+                previous = torch.where(done, current, previous)
+        return torch.cat([previous, current], dim=1) if overlap else current
 
 
 class Speculator:

@@ -35,13 +35,15 @@ def _same(a, b) -> bool:
 
 
 def _main_cache(engine: Engine) -> list[torch.Tensor]:
-    """What the main model keeps between steps and reads as it is: every layer's window ring and compressor states
-    (compressed entries are read only once complete, and complete entries follow from these)."""
-    parts = []
+    """What the main model keeps between steps and reads as it is, for every sequence slot (the scratch slot that
+    pads batches and takes a rollback's discarded writes holds nothing): every layer's window ring and compressor
+    states (compressed entries are read only once complete, and complete entries follow from these)."""
+    parts, slots = [], engine.cache.scratch_slot
     for layer in engine.cache.layers[:engine.config.n_layers]:
-        ring = layer.kv.pool_base
+        ring = slots * layer.window
         parts += [layer.kv.codes[:ring], layer.kv.scale[:ring], layer.kv.tail[:ring]]
-        parts += [t for state in (layer.compressor, layer.indexer) if state is not None for t in (state.kv, state.score)]
+        parts += [t[:slots] for state in (layer.compressor, layer.indexer) if state is not None
+                  for t in (state.kv, state.score)]
     return parts
 
 
