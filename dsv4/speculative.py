@@ -212,8 +212,9 @@ class Speculator:
         rows = Rows.of([[0]] * len(slots), last, slots, requests, len(slots), e.cache.scratch_slot).to(e.device)
         table = e.cache.block_table[rows.slots, :e.cache.table_width(max(last) + k)]
         logits, h = (torch.stack(t) for t in zip(*heads))
-        first = self.draft_tokens(logits, rows, rows.start + 1)
-        return self._chain(h[:, None], first, rows.start, rows, k, table).tolist()
+        greedy = all(r.temperature == 0 for r in requests)
+        first = self.draft_tokens(logits, rows, rows.start + 1, greedy)
+        return self._chain(h[:, None], first, rows.start, rows, k, table, greedy).tolist()
 
     def round(self, slots: list[int], pending: list[list[int]], last: list[int], left: list[int],
               requests: list[Request]) -> list[Verified]:
@@ -227,7 +228,9 @@ class Speculator:
         width = e.cache.table_width(max(last) + max(2 * k, 1))
         tokens = [(t + [0] * k)[:k + 1] for t in pending]   # a sequence that joined with fewer drafts: any draft
         rows = e.rows(tokens, last, slots, requests, left)  # is safe, a wrong one is rejected
-        report, logits = e.run(("speculate", width, k), functools.partial(self.verify, width=width), rows)
+        greedy = all(r.temperature == 0 for r in requests)
+        report, logits = e.run(("speculate", width, k, greedy),
+                               functools.partial(self.verify, width=width, greedy=greedy), rows)
         n = k + 1
         verified = []
         for b, line in enumerate(report.tolist()[:len(slots)]):
@@ -241,7 +244,7 @@ class Speculator:
         self.stats.drafted += k * len(slots)
         return verified
 
-    def verify(self, rows: Rows, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(self, rows: Rows, width: int, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One round over `rows` (tokens [b, k+1]: each sequence's last token and its drafts), reading `width`
         block-table columns: (report [b, 3k+4] int64: the main model's tokens [k+1], their logits' finiteness [k+1],
         the drafts accepted, the tokens to emit (the accepted drafts and the one after them, cut at the sequence's
@@ -264,13 +267,13 @@ class Speculator:
             mtp_logits, out = e.model.mtp_forward(h, drawn, step, all_logits=True)
             undo.keep(kept)
             after = rows.start + accepted + 1                                # p'
-            first = self.draft_tokens(mtp_logits[seq, accepted], rows, after + 1)
-            following = torch.cat([following, self._chain(out[seq, accepted][:, None], first, after, rows, k, table)],
-                                  dim=1)
+            first = self.draft_tokens(mtp_logits[seq, accepted], rows, after + 1, greedy)
+            drafts = self._chain(out[seq, accepted][:, None], first, after, rows, k, table, greedy)
+            following = torch.cat([following, drafts], dim=1)
         return torch.cat([drawn, finite, accepted[:, None], kept[:, None], following], dim=1), logits
 
     def _chain(self, h: torch.Tensor, first: torch.Tensor, after: torch.Tensor, rows: Rows, k: int,
-               table: torch.Tensor) -> torch.Tensor:
+               table: torch.Tensor, greedy: bool) -> torch.Tensor:
         """k drafts [b, k] for sequences whose last token sits at `after`, from the first draft (at after+1) and the
         MTP block's streams h [b, 1, hc, d] of the position before: each further draft reads the previous one with
         the block's own streams, and the block's cache is rolled back after."""
@@ -281,13 +284,16 @@ class Speculator:
             for j in range(1, k):                                           # d_p'+j+1 from MTP position p'+j-1
                 step = Step(start=after + j - 1, slots=rows.slots, cache=e.cache, n_new=1, block_table=table)
                 logits, h = e.model.mtp_forward(h, drafts[-1][:, None], step)
-                drafts.append(self.draft_tokens(logits[:, -1], rows, after + j + 1))
+                drafts.append(self.draft_tokens(logits[:, -1], rows, after + j + 1, greedy))
             undo.keep(torch.zeros_like(after))
         return torch.stack(drafts, dim=1)
 
-    def draft_tokens(self, logits: torch.Tensor, rows: Rows, positions: torch.Tensor) -> torch.Tensor:
-        """The drafts [b] from MTP logits [b, vocab] of the rows: drawn as the main model draws at those positions
-        (device work only)."""
+    def draft_tokens(self, logits: torch.Tensor, rows: Rows, positions: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """The drafts [b] from MTP logits [b, vocab]: drawn as the main model draws at those positions, or, when every
+        row is greedy, the argmax (what the sampler gives at temperature 0, in one kernel instead of its hundreds).
+        Device work only; a draft is a guess, so any function of the logits keeps the output bits."""
+        if greedy:
+            return logits.argmax(dim=-1)
         return self.engine.draw(logits, *rows.sampling(), positions)[0]
 
     def _kept(self, drawn: torch.Tensor, accepted: torch.Tensor, left: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def _oracle(plain, requests, right, device="cpu") -> callable:
             table[:, p] = (table[:, p] + 1) % 256
     table = table.to(device)
 
-    def draft_tokens(logits, rows, positions):
+    def draft_tokens(logits, rows, positions, greedy):
         return table[rows.request, positions.clamp(max=length - 1)]
     return draft_tokens
 

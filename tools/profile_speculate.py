@@ -52,8 +52,8 @@ def main(level: str = "exact", batch: int = 1) -> None:
     rounds = {}
     for k in (1, 2):
         rows = engine.rows([[5] * (k + 1)] * batch, last, slots, requests, [64] * batch)
-        engine.run(("speculate", width, k), functools.partial(spec.verify, width=width), rows)
-        rounds[k] = engine._graphs[("speculate", width, k, rows.slots.shape[0])]
+        engine.run(("speculate", width, k, True), functools.partial(spec.verify, width=width, greedy=True), rows)
+        rounds[k] = engine._graphs[("speculate", width, k, True, rows.slots.shape[0])]
         print(f"round k={k}:         {median_us(rounds[k].graph.replay, REPLAYS):8.1f} us a replay")
 
     rows = engine.rows([[5, 6]] * batch, last, slots, requests, [64] * batch).to(engine.device)
