@@ -208,17 +208,19 @@ class Engine:
                         on_token: TokenCallback | None, record_logits: bool,
                         progress: ProgressCallback | None) -> None:
         live: dict[int, int] = {}            # request index -> cache slot
-        streams: dict[int, torch.Tensor] = {}   # request index -> its prompt's final streams (for the MTP block)
+        heads: dict[int, tuple] = {}         # speculating: request index -> the MTP block's output after its prompt
         t0 = time.perf_counter()
         first_tokens, first_logits = [], []
         for slot, i in enumerate(indices):
-            logits, streams[i] = self.prefill_streams(requests[i].prompt, slot, progress=progress)
+            logits, streams = self.prefill_streams(requests[i].prompt, slot, progress=progress)
             logits = logits[:, -1]
             try:
                 first_tokens += self.sample(logits, [requests[i]], [len(requests[i].prompt)])
             except NonFiniteLogits:
                 raise non_finite_error(self.model, self.device, requests[i].prompt, self.prefill_chunk) from None
             first_logits.append(logits[0])
+            if self.speculator:            # prompt work, so it counts as prefill
+                heads[i] = self.speculator.read_prompt(streams, requests[i].prompt[1:] + first_tokens[-1:], 0, slot)
             live[i] = slot
             self.timings.prefill_tokens += len(requests[i].prompt)
         self._sync()
@@ -227,7 +229,7 @@ class Engine:
         t0 = time.perf_counter()
         emit = functools.partial(self._emit, requests, results, live, on_token, record_logits)
         if self.speculator:
-            self.speculator.decode(live, first_tokens, first_logits, streams, requests, results, emit, progress)
+            self.speculator.decode(live, first_tokens, first_logits, heads, requests, results, emit, progress)
         else:
             self._decode_plain(indices, live, first_tokens, first_logits, requests, results, emit, progress)
         self._sync()

@@ -140,10 +140,10 @@ class Speculator:
 
     @torch.inference_mode()
     def decode(self, live: dict[int, int], first_tokens: list[int], first_logits: list[torch.Tensor],
-               streams: dict[int, torch.Tensor], requests: list[Request], results: list[Result], emit: Emit,
-               progress: ProgressCallback | None) -> None:
-        """Decode the prefilled requests in `live` (request index -> cache slot; `streams`: each prompt's final
-        streams) to their end, every token through `emit`, which removes a finished request from `live`."""
+               heads: dict[int, tuple[torch.Tensor, torch.Tensor]], requests: list[Request], results: list[Result],
+               emit: Emit, progress: ProgressCallback | None) -> None:
+        """Decode the prefilled requests in `live` (request index -> cache slot; `heads`: what read_prompt returned
+        for each prompt) to their end, every token through `emit`, which removes a finished request from `live`."""
         e = self.engine
         indices = list(live)
         for i, token, row in zip(indices, first_tokens, first_logits):
@@ -151,8 +151,8 @@ class Speculator:
         order = list(live)
         if not order:
             return
-        heads = [self.read_prompt(streams[i], requests[i].prompt[1:] + results[i].tokens, 0, live[i]) for i in order]
-        drafts = self.first_drafts(heads, [live[i] for i in order], *self._progress(order, requests, results))
+        drafts = self.first_drafts([heads[i] for i in order], [live[i] for i in order],
+                                   *self._progress(order, requests, results))
         pending = {i: [results[i].tokens[-1], *d] for i, d in zip(order, drafts)}
         while live:
             order = list(live)
