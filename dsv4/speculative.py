@@ -152,13 +152,13 @@ class Speculator:
         if not order:
             return
         drafts = self.first_drafts([heads[i] for i in order], [live[i] for i in order],
-                                   *self._progress(order, requests, results))
+                                   *self._positions(order, requests, results))
         pending = {i: [results[i].tokens[-1], *d] for i, d in zip(order, drafts)}
         while live:
             order = list(live)
             try:
                 verified = self.round([live[i] for i in order], [pending[i] for i in order],
-                                      *self._progress(order, requests, results))
+                                      *self._positions(order, requests, results))
             except NonFiniteLogits as err:
                 i = order[err.row]
                 raise non_finite_error(e.model, e.device, requests[i].prompt + results[i].tokens,
@@ -173,7 +173,7 @@ class Speculator:
                          sum(requests[i].max_new_tokens for i in indices))
 
     @staticmethod
-    def _progress(order: list[int], requests: list[Request],
+    def _positions(order: list[int], requests: list[Request],
                   results: list[Result]) -> tuple[list[int], list[int], list[Request]]:
         """(positions of the last tokens, tokens each may still emit, the requests) of the sequences in `order`."""
         return ([len(requests[i].prompt) + len(results[i].tokens) - 1 for i in order],
@@ -297,15 +297,16 @@ class Speculator:
         return self.engine.draw(logits, *rows.sampling(), positions)[0]
 
     def _kept(self, drawn: torch.Tensor, accepted: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-        """Positions of the verification step that stay in the cache: the current token and the accepted drafts,
-        and none past the sequence's last token (EOS or its max_new_tokens), as plain decoding never reads it."""
+        """Positions of the verification step that stay in the cache, as many as the tokens it emits: the current
+        token and the accepted drafts, and none past the sequence's last token (EOS or its max_new_tokens), as
+        plain decoding never reads it."""
         j = torch.arange(drawn.shape[1], device=drawn.device)
         eos = torch.where(drawn == self.engine.config.eos_token_id, j, drawn.shape[1]).min(dim=1).values
         return torch.minimum(torch.minimum(accepted, eos) + 1, left)
 
 
 def _ring_parts(store: PagedRows) -> list[torch.Tensor]:
-    """A layer's KV row storage (codes, scales, RoPE dims), FP8 codes viewed as bytes so that a select restores
-    them bit for bit on any device."""
+    """A layer's KV row storage (codes, scales, RoPE dims), FP8 codes viewed as bytes: rows are put back as raw bits,
+    with no FP8 indexing kernel needed on any device."""
     codes = store.codes.view(torch.uint8) if store.codes.dtype == torch.float8_e4m3fn else store.codes
     return [codes, store.scale, store.tail]
