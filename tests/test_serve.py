@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     model = tmp_path_factory.mktemp("models") / "chatty"
     shutil.copytree(DEFAULT_MODEL, model)
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>"}))
-    with Server(tmp_path_factory.mktemp("logs"), "--model", str(model), "--determinism", "exact",
+    with Server(tmp_path_factory.mktemp("logs") / "serve.log", "--model", str(model), "--determinism", "exact",
                 "--max-batch", "8", "--max-queue", "64") as s:
         yield s
 
@@ -33,7 +33,7 @@ def server(tmp_path_factory):
 def narrow(tmp_path_factory):
     """The embedded default model with no arguments but one slot, a queue of one and KV memory for 3 blocks (768
     positions, the context being 1024)."""
-    with Server(tmp_path_factory.mktemp("logs"), "--max-batch", "1", "--max-queue", "1",
+    with Server(tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch", "1", "--max-queue", "1",
                 "--kv-cache-memory", "160KiB") as s:
         yield s
 

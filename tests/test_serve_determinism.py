@@ -51,11 +51,11 @@ def burst(server: Server, seed: int) -> list:
 
 
 def test_tokens_and_logprobs_are_the_same_alone_concurrent_cached_and_restored(tmp_path):
-    with Server(tmp_path, *ARGS, "--no-prefix-cache") as cold:
+    with Server(tmp_path / "cold.log", *ARGS, "--no-prefix-cache") as cold:
         alone = [ask(cold, prompt, settings)[0] for prompt, settings in TARGETS]
 
     store = tmp_path / "prefixes"
-    with Server(tmp_path, *ARGS, "--prefix-cache-dir", str(store)) as warm:
+    with Server(tmp_path / "warm.log", *ARGS, "--prefix-cache-dir", str(store)) as warm:
         ask(warm, SHARED + "\n\n", dict(max_tokens=1))        # puts the shared block in memory and on disk
         from_memory = burst(warm, seed=1)
         health = warm.health()
@@ -63,7 +63,7 @@ def test_tokens_and_logprobs_are_the_same_alone_concurrent_cached_and_restored(t
     assert [usage.cached_tokens for _, usage in from_memory] == [256, 256, 0]
     assert health["prefix_cache"]["memory_hits"] >= 2 and health["disk_cache"]
 
-    with Server(tmp_path, *ARGS, "--prefix-cache-dir", str(store)) as restarted:
+    with Server(tmp_path / "restarted.log", *ARGS, "--prefix-cache-dir", str(store)) as restarted:
         from_disk = burst(restarted, seed=2)
         health = restarted.health()
     assert [answer for answer, _ in from_disk] == alone
