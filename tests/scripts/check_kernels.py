@@ -3,8 +3,8 @@ kernels within the op's tolerance.
 
 `python check_kernels.py DEVICE [CASE ...]` (DEVICE 'cpu' under TRITON_INTERPRET=1, or 'cuda') runs the named cases
 (all by default) and prints one JSON line per case: {"case", "ok", "detail"}. tests/test_cuda_kernels.py runs it in
-one child process (Triton's interpreter must be chosen before triton is imported) and asserts each case as its own
-parametrized test.
+child processes (Triton's interpreter must be chosen before triton is imported), two with half the cases each, and
+asserts each case as its own parametrized test.
 """
 from __future__ import annotations
 
