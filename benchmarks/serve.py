@@ -7,6 +7,7 @@ warm from memory, and warm from disk after a restart. Only the standard library 
 numbers include HTTP and SSE as a client sees them."""
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -77,7 +78,9 @@ class ServerProcess:
         with urllib.request.urlopen(f"{self.url}/health") as r:
             return json.load(r)
 
+    @functools.cached_property
     def model(self) -> str:
+        """The id of the served model."""
         with urllib.request.urlopen(f"{self.url}/v1/models") as r:
             return json.load(r)["data"][0]["id"]
 
@@ -142,7 +145,7 @@ def run(server_args: list[str], requests: int, concurrency: int, prefixes: int, 
 
         say("starting dsv4 serve")
         with ServerProcess(args, log) as server:
-            model = server.model()
+            model = server.model
             say(f"TTFT probes, cold then from memory ({probes} each)")
             server.complete(model, "warm up", 2)
             cold = [server.complete(model, p + suffix(), 1) for p in probe_prefixes]
