@@ -84,13 +84,6 @@ def test_unknown_preset_names_the_choices():
     _one_line_error(dsv4("run", "--preset", "huge"), "unknown preset 'huge'", "tiny")
 
 
-def test_npu_without_torch_npu_says_what_to_install():
-    pytest.importorskip("torch", reason="always present")
-    if torch.__dict__.get("npu"):
-        pytest.skip("torch-npu is installed here")
-    _one_line_error(dsv4("run", "--device", "npu"), "npu", "torch-npu is not installed", "pip install")
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_refused():
     _one_line_error(dsv4("run", "--device", "cuda"), "backend 'cuda' is not usable here")
