@@ -1,6 +1,6 @@
-"""Shared fixtures (small random checkpoints written once per session in the official layout, one `dsv4 serve`) and
-the helpers every test compares with: `same_bits` for bit-for-bit claims, `assert_within_contract` for tolerances, which come from
-the op contracts and are never re-typed here."""
+"""Shared fixtures (small random checkpoints written once per session in the official layout, and one `dsv4 serve`)
+and the helpers every test compares with: `same_bits` for bit-for-bit claims, `assert_within_contract` for
+tolerances, which come from the op contracts and are never re-typed here."""
 from __future__ import annotations
 
 import dataclasses
