@@ -15,7 +15,7 @@ from dsv4.backends.levels import Level
 from dsv4.backends.registry import Backend, Registry, collect_overrides, parse_overrides
 from dsv4.errors import DSV4Error
 
-from test_cli import dsv4
+from test_cli import dsv4, dsv4_at_once
 
 
 def _registry_with(name: str, level: Level, replace: dict | None = None) -> Registry:
@@ -119,9 +119,9 @@ def test_compare_reports_a_difference_between_two_machines(tmp_path):
 def test_run_exact_gives_the_same_tokens_and_logit_bits_alone_and_inside_a_batch(tiny_dir, tmp_path):
     common = ("run", "--model", str(tiny_dir), "--determinism", "exact", "--max-new-tokens", "6", "--quiet",
               "--temperature", "0.9", "--seed", "4")
-    alone = dsv4(*common, "--prompt", "def f(x):", "--logits-out", str(tmp_path / "alone.st"))
-    batch = dsv4(*common, "--prompt", "import sys", "--prompt", "def f(x):", "--prompt", "class A:\n  pass",
-                 "--logits-out", str(tmp_path / "batch.st"))
+    alone, batch = dsv4_at_once((*common, "--prompt", "def f(x):", "--logits-out", str(tmp_path / "alone.st")),
+                                (*common, "--prompt", "import sys", "--prompt", "def f(x):", "--prompt",
+                                 "class A:\n  pass", "--logits-out", str(tmp_path / "batch.st")))
     assert alone.returncode == 0 and batch.returncode == 0, alone.stderr + batch.stderr
     assert alone.stdout.strip() == batch.stdout.splitlines()[1].strip() or alone.stdout in batch.stdout
     a = load_file(tmp_path / "alone.st")["prompt0"]
