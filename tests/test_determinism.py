@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,17 +92,23 @@ def test_verify_at_exact_fails_when_outputs_leave_the_golden_digests():
     assert {c.name for c in report.checks if c.status == "fail"} == {"op/hadamard/golden"}
 
 
-def test_golden_digests_of_the_tiny_preset_are_reproduced_by_the_cpu_reference():
-    report = conformance.verify("cpu", "cpu", "exact", presets=("tiny",))
+@pytest.fixture(scope="module")
+def cpu_verify(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`dsv4 verify --backend cpu --level exact` (every op case and the tiny preset) as a user runs it: the report
+    file it writes and the finished process."""
+    report = tmp_path_factory.mktemp("verify") / "cpu.json"
+    return report, dsv4("verify", "--backend", "cpu", "--level", "exact", "--report", str(report), "--quiet")
+
+
+def test_golden_digests_of_the_tiny_preset_are_reproduced_by_the_cpu_reference(cpu_verify):
+    report = conformance.Report.load(cpu_verify[0])
     golden_checks = [c for c in report.checks if "golden" in c.name]
     assert len(golden_checks) == len(conformance.OP_CASES) + 2
     assert all(c.status == "pass" for c in report.checks), report.table()
 
 
-def test_cli_verify_writes_a_report_that_compares_equal_to_itself(tmp_path):
-    """The op checks only: the whole-model checks of the CPU reference run in the test above."""
-    report = tmp_path / "r.json"
-    proc = dsv4("verify", "--backend", "cpu", "--level", "exact", "--presets", "", "--report", str(report), "--quiet")
+def test_cli_verify_writes_a_report_that_compares_equal_to_itself(cpu_verify):
+    report, proc = cpu_verify
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 failed" in proc.stdout and json.loads(report.read_text())["level"] == "exact"
     same = dsv4("compare", str(report), str(report))
