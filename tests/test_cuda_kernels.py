@@ -40,14 +40,16 @@ def _expected(name: str) -> str:
 
 
 def _run(device: str, env: dict) -> dict[str, dict]:
-    """Every case, dealt out over CHECK_PROCESSES child processes of one thread each (the interpreter keeps one core
-    busy per process; with one thread each they do not fight over the cores)."""
+    """Every case, in CHECK_PROCESSES child processes of one thread each taking a run of consecutive cases (the
+    interpreter keeps one core busy per process; with one thread each they do not fight over the cores)."""
     def check(names: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-P", str(CHECK), device, *names], capture_output=True, text=True,
                               timeout=1500, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
     with ThreadPoolExecutor(CHECK_PROCESSES) as pool:
-        procs = list(pool.map(check, [CASE_NAMES[i::CHECK_PROCESSES] for i in range(CHECK_PROCESSES)]))
+        n = len(CASE_NAMES)
+        procs = list(pool.map(check, [CASE_NAMES[i * n // CHECK_PROCESSES:(i + 1) * n // CHECK_PROCESSES]
+                                      for i in range(CHECK_PROCESSES)]))
     results = {r["case"]: r for proc in procs for r in map(json.loads, filter(None, proc.stdout.splitlines()))}
     results["_stderr"] = "\n".join(proc.stderr[-3000:] for proc in procs)
     return results
