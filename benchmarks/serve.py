@@ -7,6 +7,7 @@ warm from memory, and warm from disk after a restart. Only the standard library 
 numbers include HTTP and SSE as a client sees them."""
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 
 from dsv4.errors import DSV4Error
 
-STARTUP_LIMIT_S = 600      # loading a large checkpoint may take minutes
+STARTUP_LIMIT_S = 600      # a hang guard: loading a large checkpoint (or importing torch on a busy CPU) takes minutes
+HEALTH_POLL_S = 0.2        # how often a starting server is asked for /health
+STOP_LIMIT_S = 60          # a server not gone this long after SIGTERM is killed
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
 
@@ -49,13 +52,15 @@ def text(rng: random.Random, n_words: int) -> str:
 
 
 class ServerProcess:
-    """`dsv4 serve` on a free port, started and stopped by the benchmark."""
+    """`dsv4 serve ARGS` on a free local port, with `env` on top of this process's environment and its stderr appended
+    to `log`; returns once /health answers. Stopped by `stop()` or at the end of a `with` block."""
 
-    def __init__(self, args: list[str], log: str):
+    def __init__(self, args: list[str], log: str | os.PathLike, env: dict[str, str] | None = None):
         self.port = free_port()
-        self._log = open(log, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "serve", "--port", str(self.port), *args],
-                                     stdout=subprocess.DEVNULL, stderr=self._log)
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(log, "a") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "serve", "--port", str(self.port), *args],
+                                         stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ | (env or {}))
         deadline = time.monotonic() + STARTUP_LIMIT_S
         while True:
             if self.proc.poll() is not None:
@@ -67,14 +72,16 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise DSV4Error(f"dsv4 serve did not answer within {STARTUP_LIMIT_S} s; its log: {log}")
-                time.sleep(0.2)
+                time.sleep(HEALTH_POLL_S)
 
     def health(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health") as r:
+        with urllib.request.urlopen(f"{self.url}/health") as r:
             return json.load(r)
 
+    @functools.cached_property
     def model(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models") as r:
+        """The id of the served model."""
+        with urllib.request.urlopen(f"{self.url}/v1/models") as r:
             return json.load(r)["data"][0]["id"]
 
     def complete(self, model: str, prompt: str, max_tokens: int) -> Timing:
@@ -104,9 +111,19 @@ class ServerProcess:
                       usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
-        self._log.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=STOP_LIMIT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -127,9 +144,8 @@ def run(server_args: list[str], requests: int, concurrency: int, prefixes: int, 
             return "\n" + text(rng, suffix_words)
 
         say("starting dsv4 serve")
-        server = ServerProcess(args, log)
-        try:
-            model = server.model()
+        with ServerProcess(args, log) as server:
+            model = server.model
             say(f"TTFT probes, cold then from memory ({probes} each)")
             server.complete(model, "warm up", 2)
             cold = [server.complete(model, p + suffix(), 1) for p in probe_prefixes]
@@ -142,15 +158,10 @@ def run(server_args: list[str], requests: int, concurrency: int, prefixes: int, 
                                      [shared[i % prefixes] + suffix() for i in range(requests)]))
             wall = time.perf_counter() - started
             after = server.health()["prefix_cache"]
-        finally:
-            server.stop()
         say("restarting dsv4 serve for the disk probes")
-        server = ServerProcess(args, log)
-        try:
+        with ServerProcess(args, log) as server:
             disk = [server.complete(model, p + suffix(), 1) for p in probe_prefixes]
             disk_hits = server.health()["prefix_cache"]["disk_hits"]
-        finally:
-            server.stop()
 
     prompt_tokens = after["prompt_tokens"] - before["prompt_tokens"]
     hit_tokens = sum(after[k] - before[k] for k in ("memory_tokens", "disk_tokens"))

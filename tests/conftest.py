@@ -1,15 +1,18 @@
-"""Shared fixtures (small random checkpoints written once per session in the official layout) and the helpers every
-test compares with: `same_bits` for bit-for-bit claims, `assert_within_contract` for tolerances, which come from
-the op contracts and are never re-typed here."""
+"""Shared fixtures (small random checkpoints written once per session in the official layout, and one `dsv4 serve`)
+and the helpers every test compares with: `same_bits` for bit-for-bit claims, `assert_within_contract` for
+tolerances, which come from the op contracts and are never re-typed here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
 import dsv4
+from dsv4.api import DEFAULT_MODEL
 from dsv4.backends.contracts import CONTRACTS
 from dsv4.checkpoint import write_checkpoint
 from dsv4.config import CSA_RATIO, preset
@@ -72,6 +75,24 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def short_block(short_block_dir):
     return dsv4.load(short_block_dir, determinism="exact")
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """`dsv4 serve` of the embedded default model with a small chat template added (served as "chatty"), at the exact
+    level with no prefix cache: every prompt is computed. One server for the serve tests of every module."""
+    from serving import Server            # the openai client: imported by the tests that serve only
+
+    model = tmp_path_factory.mktemp("models") / "chatty"
+    shutil.copytree(DEFAULT_MODEL, model)
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>"}))
+    with Server(tmp_path_factory.mktemp("logs") / "serve.log", "--model", str(model), "--determinism", "exact",
+                "--no-prefix-cache", "--max-batch", "8", "--max-queue", "64") as s:
+        yield s
 
 
 def random_prompt(n: int, seed: int, vocab: int = 256) -> list[int]:

@@ -1,11 +1,8 @@
-"""A real `dsv4 serve` process on a free local port, driven by the official openai client (tests of dsv4.serve)."""
+"""A real `dsv4 serve` process, started by the benchmark's launcher and driven by the official openai client (tests
+of dsv4.serve)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,41 +10,23 @@ from pathlib import Path
 
 import openai
 
-STARTUP_LIMIT_S = 180     # a hang guard, not a timing claim: a slow shared CPU may take this long to import torch
+from dsv4.benchmarks.serve import ServerProcess
+from dsv4.errors import DSV4Error
+
+REQUEST_LIMIT_S = 600     # a hang guard for one request, not a timing claim
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """`dsv4 serve ARGS` on one CPU thread (this process's client shares the cores), its stderr in `log`, with an
+    openai client on it."""
 
-
-class Server:
-    def __init__(self, log_dir: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_dir) / f"serve-{self.port}.log"
-        env = os.environ | {"OMP_NUM_THREADS": "1"}
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "serve", "--port", str(self.port), *args],
-                                         stdout=subprocess.DEVNULL, stderr=log, env=env)
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dsv4 serve exited with {self.proc.returncode}: {self.log()}")
-            try:
-                self.health()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError(f"dsv4 serve did not start: {self.log()}")
-                time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=600)
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/health") as r:
-            return json.load(r)
+    def __init__(self, log: Path, *args: str):
+        try:
+            super().__init__(list(args), log, env={"OMP_NUM_THREADS": "1"})
+        except DSV4Error as e:
+            raise RuntimeError(f"{e}:\n{Path(log).read_text()}") from None
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                                    timeout=REQUEST_LIMIT_S)
 
     def post(self, path: str, body: bytes) -> tuple[int, dict]:
         """A raw POST (for bodies the openai client cannot send): (status, JSON reply)."""
@@ -68,21 +47,3 @@ class Server:
             if time.monotonic() > deadline:
                 raise AssertionError(f"server never reached: {what}; last /health: {health}")
             time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

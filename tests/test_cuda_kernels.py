@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 CHECK = Path(__file__).parent / "scripts" / "check_kernels.py"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+CHECK_PROCESSES = 2       # a CI machine's cores; more processes would spend more on imports than they save
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'dsv4[cuda]')")
 
 
@@ -38,10 +40,18 @@ def _expected(name: str) -> str:
 
 
 def _run(device: str, env: dict) -> dict[str, dict]:
-    proc = subprocess.run([sys.executable, "-P", str(CHECK), device], capture_output=True, text=True,
-                          timeout=1500, env={**os.environ, **env})
-    results = {r["case"]: r for r in map(json.loads, filter(None, proc.stdout.splitlines()))}
-    results["_stderr"] = proc.stderr[-3000:]
+    """Every case, in CHECK_PROCESSES child processes of one thread each taking a run of consecutive cases (the
+    interpreter keeps one core busy per process; with one thread each they do not fight over the cores)."""
+    def check(names: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-P", str(CHECK), device, *names], capture_output=True, text=True,
+                              timeout=1500, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+    with ThreadPoolExecutor(CHECK_PROCESSES) as pool:
+        n = len(CASE_NAMES)
+        procs = list(pool.map(check, [CASE_NAMES[i * n // CHECK_PROCESSES:(i + 1) * n // CHECK_PROCESSES]
+                                      for i in range(CHECK_PROCESSES)]))
+    results = {r["case"]: r for proc in procs for r in map(json.loads, filter(None, proc.stdout.splitlines()))}
+    results["_stderr"] = "\n".join(proc.stderr[-3000:] for proc in procs)
     return results
 
 

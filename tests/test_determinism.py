@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from dsv4.backends.levels import Level
 from dsv4.backends.registry import Backend, Registry, collect_overrides, parse_overrides
 from dsv4.errors import DSV4Error
 
-from test_cli import dsv4
+from test_cli import dsv4, dsv4_at_once
 
 
 def _registry_with(name: str, level: Level, replace: dict | None = None) -> Registry:
@@ -90,16 +92,23 @@ def test_verify_at_exact_fails_when_outputs_leave_the_golden_digests():
     assert {c.name for c in report.checks if c.status == "fail"} == {"op/hadamard/golden"}
 
 
-def test_golden_digests_of_the_tiny_preset_are_reproduced_by_the_cpu_reference():
-    report = conformance.verify("cpu", "cpu", "exact", presets=("tiny",))
+@pytest.fixture(scope="module")
+def cpu_verify(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`dsv4 verify --backend cpu --level exact` (every op case and the tiny preset) as a user runs it: the report
+    file it writes and the finished process."""
+    report = tmp_path_factory.mktemp("verify") / "cpu.json"
+    return report, dsv4("verify", "--backend", "cpu", "--level", "exact", "--report", str(report), "--quiet")
+
+
+def test_golden_digests_of_the_tiny_preset_are_reproduced_by_the_cpu_reference(cpu_verify):
+    report = conformance.Report.load(cpu_verify[0])
     golden_checks = [c for c in report.checks if "golden" in c.name]
     assert len(golden_checks) == len(conformance.OP_CASES) + 2
     assert all(c.status == "pass" for c in report.checks), report.table()
 
 
-def test_cli_verify_writes_a_report_that_compares_equal_to_itself(tmp_path):
-    report = tmp_path / "r.json"
-    proc = dsv4("verify", "--backend", "cpu", "--level", "exact", "--report", str(report), "--quiet")
+def test_cli_verify_writes_a_report_that_compares_equal_to_itself(cpu_verify):
+    report, proc = cpu_verify
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 failed" in proc.stdout and json.loads(report.read_text())["level"] == "exact"
     same = dsv4("compare", str(report), str(report))
@@ -118,9 +127,9 @@ def test_compare_reports_a_difference_between_two_machines(tmp_path):
 def test_run_exact_gives_the_same_tokens_and_logit_bits_alone_and_inside_a_batch(tiny_dir, tmp_path):
     common = ("run", "--model", str(tiny_dir), "--determinism", "exact", "--max-new-tokens", "6", "--quiet",
               "--temperature", "0.9", "--seed", "4")
-    alone = dsv4(*common, "--prompt", "def f(x):", "--logits-out", str(tmp_path / "alone.st"))
-    batch = dsv4(*common, "--prompt", "import sys", "--prompt", "def f(x):", "--prompt", "class A:\n  pass",
-                 "--logits-out", str(tmp_path / "batch.st"))
+    alone, batch = dsv4_at_once((*common, "--prompt", "def f(x):", "--logits-out", str(tmp_path / "alone.st")),
+                                (*common, "--prompt", "import sys", "--prompt", "def f(x):", "--prompt",
+                                 "class A:\n  pass", "--logits-out", str(tmp_path / "batch.st")))
     assert alone.returncode == 0 and batch.returncode == 0, alone.stderr + batch.stderr
     assert alone.stdout.strip() == batch.stdout.splitlines()[1].strip() or alone.stdout in batch.stdout
     a = load_file(tmp_path / "alone.st")["prompt0"]

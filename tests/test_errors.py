@@ -27,7 +27,7 @@ from dsv4.errors import DSV4Error
 from dsv4.evaluation import perplexity
 from dsv4.manifest import MANIFEST_FILE, write_manifest
 
-from test_cli import _one_line_error, dsv4 as dsv4_process
+from test_cli import _one_line_error, dsv4 as dsv4_process, dsv4_at_once
 
 SHARD = "model-00001-of-00001.safetensors"
 
@@ -291,8 +291,8 @@ def test_flipped_bytes_in_one_tensor_are_caught_on_load_naming_file_and_tensor(t
     needles = (SHARD, "does not match its sha256", "tensor layers.1.attn.wq_a.weight")
     api_error(lambda: dsv4.load(root), *needles)
     api_error(lambda: verify_checkpoint(root), *needles)
-    _one_line_error(dsv4_process("run", "--model", str(root)), *needles)
-    _one_line_error(dsv4_process("checkpoint", "verify", str(root)), *needles)
+    for proc in dsv4_at_once(("run", "--model", str(root)), ("checkpoint", "verify", str(root))):
+        _one_line_error(proc, *needles)
 
 
 def test_a_corrupt_header_or_a_changed_small_file_is_caught(tiny_dir, tmp_path):

@@ -24,6 +24,7 @@ from dsv4.checkpoint import load_checkpoint
 from dsv4.errors import DSV4Error
 
 from conftest import same_bits
+from test_cli import dsv4_at_once
 
 DSV4 = shutil.which("dsv4") or os.path.join(os.path.dirname(sys.executable), "dsv4")
 PROMPTS = ("--prompt", "def add(a, b):", "--prompt", "x")
@@ -171,8 +172,8 @@ def test_fast_generation_agrees_with_one_fast_process_within_tolerance(tiny_dir,
     FAST_TOLERANCE of one process's at `fast` (the same kernels but the combine). (Later tokens may legitimately
     diverge at `fast`.)"""
     one, out = tmp_path / "one.safetensors", tmp_path / "logits.safetensors"
-    alone = dsv4(*generation(tiny_dir, "fast"), "--logits-out", str(one))
-    proc = dsv4(*generation(tiny_dir, "fast"), "--nproc", "4", "--logits-out", str(out))
+    alone, proc = dsv4_at_once((*generation(tiny_dir, "fast"), "--logits-out", str(one)),
+                               (*generation(tiny_dir, "fast"), "--nproc", "4", "--logits-out", str(out)))
     assert alone.returncode == 0 and proc.returncode == 0, alone.stderr + proc.stderr
     got = load_file(out)
     for name, ref in load_file(one).items():

@@ -9,7 +9,7 @@ from dsv4.api import checkpoint_config
 from dsv4.errors import DSV4Error
 from dsv4.hub import hub_cache, resolve_model
 
-from test_cli import dsv4
+from test_cli import dsv4_at_once
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -66,6 +66,6 @@ def test_a_repo_missing_from_the_cache_is_one_clear_error_that_names_the_cache(h
 
 def test_run_takes_a_repo_id_and_generates_what_the_directory_generates(hf_cache, tiny_dir):
     args = ("run", "--max-new-tokens", "4", "--quiet", "--prompt", "def")
-    by_id, by_dir = dsv4(*args, "--model", "dsv4-test/tiny"), dsv4(*args, "--model", str(tiny_dir))
+    by_id, by_dir = dsv4_at_once((*args, "--model", "dsv4-test/tiny"), (*args, "--model", str(tiny_dir)))
     assert by_id.returncode == 0, by_id.stderr
     assert by_id.stdout == by_dir.stdout and by_id.stdout.startswith("def")

@@ -4,36 +4,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
-from dsv4.api import DEFAULT_MODEL
 from serving import Server
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 PROMPT = "def add(a, b):\n"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The embedded default model with a small chat template added, at the exact level."""
-    model = tmp_path_factory.mktemp("models") / "chatty"
-    shutil.copytree(DEFAULT_MODEL, model)
-    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "bos_token": "<s>"}))
-    with Server(tmp_path_factory.mktemp("logs"), "--model", str(model), "--determinism", "exact",
-                "--max-batch", "8", "--max-queue", "64") as s:
-        yield s
-
-
+# `server`, at exact with a chat template, is tests/conftest.py's, shared with tests/test_serve_determinism.py.
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory):
     """The embedded default model with no arguments but one slot, a queue of one and KV memory for 3 blocks (768
     positions, the context being 1024)."""
-    with Server(tmp_path_factory.mktemp("logs"), "--max-batch", "1", "--max-queue", "1",
+    with Server(tmp_path_factory.mktemp("logs") / "serve.log", "--max-batch", "1", "--max-queue", "1",
                 "--kv-cache-memory", "160KiB") as s:
         yield s
 

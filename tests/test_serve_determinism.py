@@ -27,7 +27,7 @@ ARGS = ("--determinism", "exact", "--max-batch", "4")
 
 
 def ask(server: Server, prompt: str, settings: dict) -> tuple:
-    r = server.client.completions.create(model="default", prompt=prompt, logprobs=2,
+    r = server.client.completions.create(model=server.model, prompt=prompt, logprobs=2,
                                          **({"max_tokens": 5} | settings))
     lp = r.choices[0].logprobs
     return (r.choices[0].text, lp.tokens, lp.token_logprobs, lp.top_logprobs), r.usage.prompt_tokens_details
@@ -50,12 +50,11 @@ def burst(server: Server, seed: int) -> list:
     return [answer for _, _, answer in sorted(d for d in done if d[0])]
 
 
-def test_tokens_and_logprobs_are_the_same_alone_concurrent_cached_and_restored(tmp_path):
-    with Server(tmp_path, *ARGS, "--no-prefix-cache") as cold:
-        alone = [ask(cold, prompt, settings)[0] for prompt, settings in TARGETS]
+def test_tokens_and_logprobs_are_the_same_alone_concurrent_cached_and_restored(server, tmp_path):
+    alone = [ask(server, prompt, settings)[0] for prompt, settings in TARGETS]     # no prefix cache: all computed
 
     store = tmp_path / "prefixes"
-    with Server(tmp_path, *ARGS, "--prefix-cache-dir", str(store)) as warm:
+    with Server(tmp_path / "warm.log", *ARGS, "--prefix-cache-dir", str(store)) as warm:
         ask(warm, SHARED + "\n\n", dict(max_tokens=1))        # puts the shared block in memory and on disk
         from_memory = burst(warm, seed=1)
         health = warm.health()
@@ -63,7 +62,7 @@ def test_tokens_and_logprobs_are_the_same_alone_concurrent_cached_and_restored(t
     assert [usage.cached_tokens for _, usage in from_memory] == [256, 256, 0]
     assert health["prefix_cache"]["memory_hits"] >= 2 and health["disk_cache"]
 
-    with Server(tmp_path, *ARGS, "--prefix-cache-dir", str(store)) as restarted:
+    with Server(tmp_path / "restarted.log", *ARGS, "--prefix-cache-dir", str(store)) as restarted:
         from_disk = burst(restarted, seed=2)
         health = restarted.health()
     assert [answer for answer, _ in from_disk] == alone

@@ -3,8 +3,8 @@ kernels within the op's tolerance.
 
 `python check_kernels.py DEVICE [CASE ...]` (DEVICE 'cpu' under TRITON_INTERPRET=1, or 'cuda') runs the named cases
 (all by default) and prints one JSON line per case: {"case", "ok", "detail"}. tests/test_cuda_kernels.py runs it in
-one child process (Triton's interpreter must be chosen before triton is imported) and asserts each case as its own
-parametrized test.
+child processes (Triton's interpreter must be chosen before triton is imported), two with half the cases each, and
+asserts each case as its own parametrized test.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def _grouped_case(kind: str, counts: list[int]):
 
 for _kind in ("exact", "invariant", "fast"):
     case(f"grouped_quant_linear {_kind}")(_grouped_case(_kind, [2, 0, 17, 1]))
-case("grouped_quant_linear fast, prefill-sized groups")(_grouped_case("fast", [150, 0, 70, 90]))
+case("grouped_quant_linear fast, prefill-sized groups")(_grouped_case("fast", [100, 0, 100, 60]))
 
 
 def _kv_storage(rows: int, d: int, seed: int, pool_base: int = 0, epb: int = 0) -> PagedRows:
@@ -257,17 +257,25 @@ def _(device):
 
 @case("rms_norm")
 def _(device):
-    x, weight = torch.randn(37, 200, generator=gen(1)).bfloat16(), torch.rand(200, generator=gen(2)) + 0.5
-    same(rms_norm.rms_norm(*on(device, x, weight, 1e-6)), C.rms_norm(x, weight, 1e-6))
-    return same(rms_norm.rms_norm(*on(device, x.float(), None, 1e-6)), C.rms_norm(x.float(), None, 1e-6))
+    """A few rows (one program each) and many (BLOCK_R rows a program, the last tile partial); a partial column tile."""
+    weight = torch.rand(200, generator=gen(2)) + 0.5
+    for rows in (3, 4 * rms_norm.BLOCK_R + 6):
+        x = torch.randn(rows, 200, generator=gen(rows)).bfloat16()
+        same(rms_norm.rms_norm(*on(device, x, weight, 1e-6)), C.rms_norm(x, weight, 1e-6))
+        same(rms_norm.rms_norm(*on(device, x.float(), None, 1e-6)), C.rms_norm(x.float(), None, 1e-6))
+    return "bit-identical"
+
+
+LINEAR_ROWS = (1, 3, 20)
 
 
 @case("linear exact")
 def _(device):
-    for m in (1, 3, 40):
-        xf, wf = torch.randn(m, 300, generator=gen(m)), torch.randn(70, 300, generator=gen(1))
+    """One row, a partial row tile, two row tiles (the last partial); odd N: a partial column tile."""
+    for m in LINEAR_ROWS:
+        xf, wf = torch.randn(m, 300, generator=gen(m)), torch.randn(37, 300, generator=gen(1))
         same(linear.linear(*on(device, xf, wf)), C.linear(xf, wf))
-        xg, wg = torch.randn(m, 2, 64, generator=gen(m)).bfloat16(), torch.randn(2, 48, 64, generator=gen(2)).bfloat16()
+        xg, wg = torch.randn(m, 2, 64, generator=gen(m)).bfloat16(), torch.randn(2, 21, 64, generator=gen(2)).bfloat16()
         same(linear.linear(*on(device, xg, wg)), C.linear(xg, wg))
     return "bit-identical"
 
@@ -275,7 +283,7 @@ def _(device):
 @case("linear cublas")
 def _(device):
     detail = ""
-    for m in (1, 3, 40):
+    for m in LINEAR_ROWS:
         xg, wg = torch.randn(m, 2, 64, generator=gen(m)).bfloat16(), torch.randn(2, 48, 64, generator=gen(2)).bfloat16()
         detail = close("linear", linear.cublas_linear(*on(device, xg, wg)), C.linear(xg, wg))
     return detail
@@ -312,7 +320,9 @@ def _(device):
 
 @case("compress_pool")
 def _(device):
-    kv, score = torch.randn(6, 8, 300, generator=gen(1)), torch.randn(6, 8, 300, generator=gen(2)) * 4
+    """Two entries (the first with rows not written yet), a full and a partial channel block, R = 8 and 128 (fewer
+    rows than lanes, and many rows per lane)."""
+    kv, score = torch.randn(2, 8, 200, generator=gen(1)), torch.randn(2, 8, 200, generator=gen(2)) * 4
     score[0, 3:] = float("-inf")                  # rows not written yet weigh 0
     for r in (8, 128):
         kv_r, score_r = kv.repeat(1, r // 8, 1), score.repeat(1, r // 8, 1)
@@ -322,7 +332,7 @@ def _(device):
 
 @case("mhc_pre")
 def _(device):
-    x = torch.randn(5, 1, 4, 200, generator=gen(1)).bfloat16()
+    x = torch.randn(2, 1, 4, 200, generator=gen(1)).bfloat16()
     fn, hc_scale, hc_base = (torch.randn(24, 800, generator=gen(2)) * 0.05, torch.rand(3, generator=gen(3)) + 0.5,
                              torch.randn(24, generator=gen(4)))
     return same(mhc.mhc_pre(*on(device, x, fn, hc_scale, hc_base, 1e-6, 1e-6, 20)),
@@ -331,7 +341,7 @@ def _(device):
 
 @case("mhc_head")
 def _(device):
-    x = torch.randn(5, 1, 4, 200, generator=gen(1)).bfloat16()
+    x = torch.randn(2, 1, 4, 200, generator=gen(1)).bfloat16()
     fn, hc_scale, hc_base = (torch.randn(4, 800, generator=gen(2)) * 0.05, torch.rand(1, generator=gen(3)) + 0.5,
                              torch.randn(4, generator=gen(4)))
     return same(mhc.mhc_head(*on(device, x, fn, hc_scale, hc_base, 1e-6, 1e-6)),
