@@ -2,7 +2,7 @@
 
 The package is pip-installed into a temporary folder and `dsv4` runs in subprocesses with that folder on
 PYTHONPATH, so discovery goes through importlib.metadata exactly as for a vendor's wheel. The (long) exact
-verification starts in the background as soon as the package is installed; the quick checks run meanwhile.
+verification starts in the background as soon as the package is installed; the other checks run meanwhile.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from test_default_model import SLICE
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vendor-backend"
 DSV4 = shutil.which("dsv4") or os.path.join(os.path.dirname(sys.executable), "dsv4")
@@ -41,11 +43,12 @@ def plugin(tmp_path_factory) -> Installed:
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                           "--no-index", "--target", str(site), str(source)], capture_output=True, text=True)
     assert pip.returncode == 0, f"pip could not install the example plugin:\n{pip.stderr}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    # One thread: beside the quick checks, two threads per process on a two-core machine spin against each other
-    # (OpenMP's busy wait) and make the verification 5x slower or worse.
+    # One thread per process: beside the verification in the background, two threads per process on a two-core
+    # machine spin against each other (OpenMP's busy wait) and run 5x slower or worse.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
     verify = subprocess.Popen([DSV4, "verify", "--backend", "example", "--level", "exact", "--presets", "tiny",
-                               "--report", "r.json", "--quiet"], cwd=root, env={**env, "OMP_NUM_THREADS": "1"},
+                               "--report", "r.json", "--quiet"], cwd=root, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield Installed(root, env, verify)
     if verify.poll() is None:
@@ -72,6 +75,20 @@ def test_fast_resolves_the_vendor_kernel_and_exact_the_canonical_one(plugin):
     for level in ("fast", "exact"):
         assert tables[level]["rms_norm"] == "example:torch_rms_norm (exact)"
         assert tables[level]["rope"] == "example:canonical (exact)"
+
+
+def test_exact_backends_give_the_same_perplexity_bits(plugin):
+    """`dsv4 eval` of the held-out slice's first segment at exact prints the same NLL sum and logits digest on the
+    CPU reference and on the plugin (docs/model-card.md)."""
+    outputs = []
+    for backend in ("cpu", "example"):
+        proc = plugin.run(DSV4, "eval", "--file", str(SLICE), "--segments", "1", "--determinism", "exact",
+                          "--backend", backend, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert "[example/cpu, exact]" in outputs[1]
+    cpu, vendor = ([line.split("[")[0] for line in out.splitlines()] for out in outputs)
+    assert cpu == vendor
 
 
 def test_verify_exact_passes_with_no_failed_check(plugin):
