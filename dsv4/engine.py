@@ -19,14 +19,14 @@ import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 
 from dsv4 import validate
 from dsv4.cache import KVCache, Step
 from dsv4.diagnose import NonFiniteLogits, non_finite_error
-from dsv4.steps import Rows, StepGraph, sampling_settings
+from dsv4.steps import Outputs, Rows, StepGraph, sampling_settings
 from dsv4.model import Transformer
 from dsv4.speculative import Emit, Speculator
 
@@ -71,7 +71,6 @@ def prompt_key(prompt: list[int]) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-StepOutputs = TypeVar("StepOutputs")
 TokenCallback = Callable[[int, int], None]          # (index of the request, new token id)
 ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -159,7 +158,7 @@ class Engine:
         size = len(slots) if self.buckets is None else next(b for b in self.buckets if b >= len(slots))
         return Rows.of(tokens, start, slots, requests, size, self.cache.scratch_slot, left)
 
-    def run(self, key: tuple, step: Callable[[Rows], StepOutputs], rows: Rows) -> StepOutputs:
+    def run(self, key: tuple, step: Callable[[Rows], Outputs], rows: Rows) -> Outputs:
         """step(rows) on the device: replayed from the CUDA graph captured for (key, the rows' batch size) when graphs
         are on, else eagerly. A step reads only device tensors (no host synchronisation), so it can be captured."""
         if not self.graphs:

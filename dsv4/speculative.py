@@ -13,9 +13,9 @@ d_p+k:
 3. Chain: further drafts run the block on its own output streams: (h', d_p'+j) at MTP position p'+j-1 drafts
    d_p'+j+1. Those MTP rows are rolled back afterwards; step 2 of the next round writes the positions again from the
    main model's streams.
-A round is device work only: on a GPU it is one CUDA graph per (bucket, block-table width, k) (dsv4.graphs), and the
-host reads one small report per round (tokens, accepted counts, the next drafts). After prefill, the MTP block reads
-the prompt's positions and chains the first drafts.
+A round is device work only: on a GPU it is one CUDA graph per (bucket, block-table width, k, all greedy)
+(dsv4.steps), and the host reads one small report per round (tokens, accepted counts, the next drafts). During
+prefill the MTP block reads the prompt's positions; the first drafts are chained from there.
 
 Rollback (`Rollback`): the window-ring rows of the rejected positions get back what they held, and every compressor's
 open-block state gets back its rows and is fed the kept positions' rows the way one-token decode steps feed them, so
@@ -212,7 +212,7 @@ class Speculator:
         rows = Rows.of([[0]] * len(slots), last, slots, requests, len(slots), e.cache.scratch_slot).to(e.device)
         table = e.cache.block_table[rows.slots, :e.cache.table_width(max(last) + k)]
         logits, h = (torch.stack(t) for t in zip(*heads))
-        greedy = all(r.temperature == 0 for r in requests)
+        greedy = _all_greedy(requests)
         first = self.draft_tokens(logits, rows, rows.start + 1, greedy)
         return self._chain(h[:, None], first, rows.start, rows, k, table, greedy).tolist()
 
@@ -228,7 +228,7 @@ class Speculator:
         width = e.cache.table_width(max(last) + max(2 * k, 1))
         tokens = [(t + [0] * k)[:k + 1] for t in pending]   # a sequence that joined with fewer drafts: any draft
         rows = e.rows(tokens, last, slots, requests, left)  # is safe, a wrong one is rejected
-        greedy = all(r.temperature == 0 for r in requests)
+        greedy = _all_greedy(requests)
         report, logits = e.run(("speculate", width, k, greedy),
                                functools.partial(self.verify, width=width, greedy=greedy), rows)
         n = k + 1
@@ -303,6 +303,11 @@ class Speculator:
         j = torch.arange(drawn.shape[1], device=drawn.device)
         eos = torch.where(drawn == self.engine.config.eos_token_id, j, drawn.shape[1]).min(dim=1).values
         return torch.minimum(torch.minimum(accepted, eos) + 1, left)
+
+
+def _all_greedy(requests: list[Request]) -> bool:
+    """Whether no request samples: its drafts are then an argmax (`Speculator.draft_tokens`)."""
+    return all(r.temperature == 0 for r in requests)
 
 
 def _ring_parts(store: PagedRows) -> list[torch.Tensor]:
